@@ -1,0 +1,186 @@
+"""Command-line interface: argument parsing only; each command is one call into the library.
+
+Usage errors print one line and exit 2; no traceback for a user mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import SensPruneError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import RECIPES_DIR
+    from .data import DATASETS
+    from .models import MODELS
+
+    p = _Parser(prog="sensprune", description="Train sparse networks with "
+                "sensitivity-driven regularization (Tartaglione et al., NeurIPS 2018).")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train (and sparsify) a model",
+                       description="Train a model. Settings: defaults < --recipe < options.")
+    recipes = ", ".join(sorted(f.stem for f in RECIPES_DIR.glob("*.toml")))
+    t.add_argument("--recipe", help=f"TOML recipe file or a bundled name ({recipes})")
+    t.add_argument("--model", choices=sorted(MODELS))
+    t.add_argument("--dataset", choices=sorted(DATASETS))
+    t.add_argument("--data-dir", help="directory with the IDX files (default: embedded MNIST, "
+                   "then $SENSPRUNE_DATA, then ~/.cache/sensprune)")
+    t.add_argument("--epochs", type=_positive_int)
+    t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--limit-train", type=_positive_int, metavar="N",
+                   help="use only the first N training samples")
+    t.add_argument("--val-size", type=int, help="validation samples held out of train (5000)")
+    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    t.add_argument("--lr", type=_nonneg_float)
+    t.add_argument("--momentum", type=_nonneg_float)
+    t.add_argument("--weight-decay", type=_nonneg_float)
+    t.add_argument("--schedule", choices=["none", "cosine", "step"])
+    t.add_argument("--seed", type=int)
+    t.add_argument("--method", choices=["none", "sensitivity"])
+    t.add_argument("--kind", choices=["specific", "unspecific"])
+    t.add_argument("--reduction", choices=["sample", "batch"])
+    t.add_argument("--outputs", choices=["logits", "probs"])
+    t.add_argument("--lam", type=_nonneg_float, help="regularization factor lambda")
+    t.add_argument("--lam-lr-scaled", action="store_true", default=None,
+                   help="multiply lambda by the current learning rate")
+    t.add_argument("--sens-every", type=_positive_int, help="recompute S every N steps")
+    t.add_argument("--regularize", choices=["weights", "weights+biases", "all"])
+    t.add_argument("--threshold", help="'auto' (largest T within the validation budget), "
+                   "'none', or a value T")
+    t.add_argument("--threshold-mode", choices=["global", "layer"])
+    t.add_argument("--val-budget", type=_nonneg_float,
+                   help="auto threshold: allowed validation error increase, in points")
+    t.add_argument("--warmup-epochs", type=int)
+    t.add_argument("--finetune-epochs", type=int)
+    t.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
+    t.add_argument("--out", help="run directory (summary.json, checkpoint.pt, ...)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on the test set")
+    e.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
+    e.add_argument("--data-dir")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    r = sub.add_parser("report", help="print a run's table and draw its curves")
+    r.add_argument("run_dir")
+    return p
+
+
+def cmd_train(args) -> int:
+    from .config import make_config
+    from .report import summary_markdown
+    from .train import train
+
+    overrides = {k: getattr(args, k) for k in (
+        "model", "dataset", "data_dir", "epochs", "batch_size", "limit_train", "val_size",
+        "optimizer", "lr", "momentum", "weight_decay", "schedule", "seed", "method", "kind",
+        "reduction", "outputs", "lam", "lam_lr_scaled", "sens_every", "regularize", "threshold",
+        "threshold_mode", "val_budget", "warmup_epochs", "finetune_epochs", "threads", "out")}
+    if args.no_progress:
+        overrides["progress"] = False
+    cfg = make_config(args.recipe, **overrides)
+    if args.resume and not (Path(cfg.out) / "checkpoint.pt").exists():
+        raise SensPruneError(f"--resume: no checkpoint in {cfg.out}; run without --resume "
+                             "first or pass the right --out")
+    summary = train(cfg, resume=args.resume)
+    print(summary_markdown(summary))
+    print(f"wrote {cfg.out}/summary.json, summary.md, model.pt, checkpoint.pt, metrics.jsonl")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .config import TrainConfig
+    from .data import load_dataset
+    from .models import build_model
+    from .pruning import sparsity_report
+    from .train import evaluate, load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items()})
+    splits = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, cfg.val_size)
+    model = build_model(cfg.model, splits.info.num_classes, splits.info.input_shape)
+    model.load_state_dict(ckpt["model"])
+    test_err, test_loss = evaluate(model, splits.test)
+    val_err, _ = evaluate(model, splits.val)
+    sp = sparsity_report(model)
+    result = {"test_error": test_err, "test_loss": test_loss, "val_error": val_err,
+              "total_params": sp["total_params"], "nonzero_params": sp["nonzero_params"],
+              "compression_ratio": sp["compression_ratio"],
+              "remaining_per_layer": {n: v["remaining_percent"] for n, v in sp["layers"].items()}}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{cfg.model} on {cfg.dataset}: test error {test_err:.2f}%  val error "
+              f"{val_err:.2f}%  nonzero {sp['nonzero_params']:,}/{sp['total_params']:,}  "
+              f"compression {sp['compression_ratio']:.1f}x")
+        for n, v in sp["layers"].items():
+            print(f"  {n:30s} {v['remaining_percent']:7.2f}% remaining")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import plot_run, read_run, summary_markdown
+
+    summary, metrics = read_run(args.run_dir)
+    print(summary_markdown(summary))
+    if metrics:
+        png = plot_run(metrics, Path(args.run_dir) / "curves.png")
+        print(f"wrote {png}" if png else "(install matplotlib for curves.png)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report}[args.command](args)
+    except SensPruneError as exc:
+        print(f"sensprune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sensprune: interrupted; the last finished epoch is in the checkpoint "
+              "(continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Run configuration: one dataclass, filled from defaults, then a recipe TOML, then the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class TrainConfig:
+    # what
+    model: str = "lenet300"
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    val_size: int = 5000
+    limit_train: int | None = None
+    # how long, how
+    epochs: int = 10
+    batch_size: int = 100
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "none"  # none | cosine | step
+    step_size: int = 10
+    gamma: float = 0.1
+    seed: int = 0
+    # the method
+    method: str = "sensitivity"  # none | sensitivity
+    kind: str = "specific"
+    reduction: str = "sample"
+    outputs: str = "logits"
+    lam: float = 1e-4
+    lam_lr_scaled: bool = False
+    sens_every: int = 1
+    regularize: str = "weights"  # weights | weights+biases | all
+    warmup_epochs: int = 0  # plain training before the sparsification phase
+    finetune_epochs: int = 0  # masks fixed, no regularization, at the end
+    threshold: str | float = "auto"  # auto | none | a fixed value T
+    threshold_mode: str = "global"  # global | layer
+    val_budget: float = 0.1  # auto threshold: allowed val error increase, in points
+    # where
+    out: str = "runs/latest"
+    progress: bool = True
+    threads: int = 0  # torch threads; 0 = torch's default
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        choices = {
+            "optimizer": ("sgd", "adam", "adamw"),
+            "schedule": ("none", "cosine", "step"),
+            "method": ("none", "sensitivity"),
+            "kind": ("specific", "unspecific"),
+            "reduction": ("sample", "batch"),
+            "outputs": ("logits", "probs"),
+            "regularize": ("weights", "weights+biases", "all"),
+            "threshold_mode": ("global", "layer"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}; "
+                                  f"got {getattr(self, key)!r}")
+        for key in ("epochs", "batch_size", "sens_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("lr", "lam", "weight_decay", "val_budget", "momentum"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.warmup_epochs < 0 or self.finetune_epochs < 0:
+            raise ConfigError("warmup_epochs and finetune_epochs must be >= 0")
+        if self.warmup_epochs + self.finetune_epochs > self.epochs:
+            raise ConfigError(f"warmup_epochs + finetune_epochs ({self.warmup_epochs} + "
+                              f"{self.finetune_epochs}) exceed epochs ({self.epochs})")
+        self.threshold = parse_threshold(self.threshold)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_threshold(value: str | float) -> str | float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"threshold must be >= 0, 'auto' or 'none'; got {value}")
+        return float(value)
+    if value in ("auto", "none"):
+        return value
+    try:
+        return parse_threshold(float(value))
+    except (TypeError, ValueError):
+        raise ConfigError(f"threshold must be 'auto', 'none' or a number; got {value!r}") from None
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe TOML (a file path, or the name of a bundled recipe such as 'lenet300')."""
+    p = Path(path)
+    if not p.exists() and (RECIPES_DIR / f"{path}.toml").exists():
+        p = RECIPES_DIR / f"{path}.toml"
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        bundled = ", ".join(sorted(f.stem for f in RECIPES_DIR.glob("*.toml")))
+        raise ConfigError(f"recipe file {path} not found; give a TOML path or one of: {bundled}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"recipe {p}: invalid TOML ({exc})") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():  # tables ([train], [method]...) are flattened
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def make_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the recipe, then ``overrides`` (None values are ignored)."""
+    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return TrainConfig(**values).validate()

@@ -1,0 +1,220 @@
+"""Model registry: the paper's networks, the CIFAR/ImageNet networks, and generality models.
+
+``build_model(name, num_classes, input_shape)`` returns a plain ``nn.Module``; nothing here
+knows about pruning. ``prunable_weights(model)`` names the parameters the paper counts
+(weights of Linear / Conv / recurrent layers, not biases or normalization parameters).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+
+class LeNet300(nn.Module):
+    """LeNet-300-100: 784-300-100-10, ReLU (266,610 parameters)."""
+
+    def __init__(self, num_classes: int = 10, in_features: int = 784):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, 300)
+        self.fc2 = nn.Linear(300, 100)
+        self.fc3 = nn.Linear(100, num_classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5, Caffe variant: conv 20@5x5, pool, conv 50@5x5, pool, fc 800-500, fc 500-10
+    (431,080 parameters)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc1 = nn.Linear(800, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.conv1(x), 2)
+        x = F.max_pool2d(self.conv2(x), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+_VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"]
+
+
+def _vgg_features(batch_norm: bool, in_channels: int = 3) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c = in_channels
+    for v in _VGG16_CFG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers.append(nn.Conv2d(c, int(v), 3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(int(v)))
+            layers.append(nn.ReLU(inplace=True))
+            c = int(v)
+    return nn.Sequential(*layers)
+
+
+class VGG16(nn.Module):
+    """VGG-16 for ImageNet (224x224), 138,357,544 parameters, same layout as torchvision's."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3):
+        super().__init__()
+        self.features = _vgg_features(False, in_channels)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(inplace=True), nn.Dropout(),
+            nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(),
+            nn.Linear(4096, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+class VGG16CIFAR(nn.Module):
+    """VGG-16 with BatchNorm for 32x32 inputs (CIFAR-10): 13 convs, fc 512-512-10."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.features = _vgg_features(True, in_channels)
+        self.classifier = nn.Sequential(
+            nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes)
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet32(nn.Module):
+    """ResNet-32 for CIFAR-10 (He et al. 2016): 3 stages x 5 basic blocks, 16/32/64 channels."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, blocks: int = 5):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        layers: list[nn.Module] = []
+        c = 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(blocks):
+                layers.append(_BasicBlock(c, cout, stride if i == 0 else 1))
+                c = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = self.layers(F.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class ConvBNNet(nn.Module):
+    """Generality test model: convs with BatchNorm, a non-ReLU activation, a residual add."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, act: str = "tanh"):
+        super().__init__()
+        self.act = {"tanh": torch.tanh, "gelu": F.gelu, "sigmoid": torch.sigmoid,
+                    "relu": F.relu}[act]
+        self.conv1 = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 7 * 7, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.act(self.bn1(self.conv1(x))), 2)
+        x = x + self.act(self.bn2(self.conv2(x)))  # residual connection
+        x = F.max_pool2d(x, 2)
+        return self.fc(x.flatten(1))
+
+
+class LSTMClassifier(nn.Module):
+    """Generality test model: an LSTM reading a 28x28 image row by row, then a Linear head."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, hidden: int = 64,
+                 row_size: int = 28):
+        super().__init__()
+        self.lstm = nn.LSTM(row_size * in_channels, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        seq = x.permute(0, 2, 1, 3).reshape(b, h, c * w)  # (B, rows, features)
+        out, _ = self.lstm(seq)
+        return self.fc(out[:, -1])
+
+
+ModelFactory = Callable[..., nn.Module]
+
+MODELS: dict[str, ModelFactory] = {
+    "lenet300": lambda num_classes, input_shape: LeNet300(
+        num_classes, int(torch.Size(input_shape).numel())),
+    "lenet5": lambda num_classes, input_shape: LeNet5(num_classes, input_shape[0]),
+    "vgg16": lambda num_classes, input_shape: VGG16(num_classes, input_shape[0]),
+    "vgg16_cifar": lambda num_classes, input_shape: VGG16CIFAR(num_classes, input_shape[0]),
+    "resnet32": lambda num_classes, input_shape: ResNet32(num_classes, input_shape[0]),
+    "convbn": lambda num_classes, input_shape: ConvBNNet(num_classes, input_shape[0]),
+    "lstm": lambda num_classes, input_shape: LSTMClassifier(num_classes, input_shape[0],
+                                                            row_size=input_shape[2]),
+}
+
+
+def build_model(name: str, num_classes: int = 10,
+                input_shape: tuple[int, ...] = (1, 28, 28)) -> nn.Module:
+    """Instantiate a registered model by name."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
+    return MODELS[name](num_classes, tuple(input_shape))
+
+
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase, nn.Embedding)
+
+
+def prunable_weights(model: nn.Module, include_biases: bool = False) -> dict[str, nn.Parameter]:
+    """Parameters that count as the network's weights (the paper's |theta|), by name.
+
+    Weights of Linear, Conv, recurrent and Embedding layers; with ``include_biases`` their
+    biases too. Normalization parameters are never included.
+    """
+    out: dict[str, nn.Parameter] = {}
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, _WEIGHT_LAYERS):
+            continue
+        for p_name, p in mod.named_parameters(recurse=False):
+            is_bias = p_name.startswith("bias")
+            if is_bias and not include_biases:
+                continue
+            out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
+    return out

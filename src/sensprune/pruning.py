@@ -1,0 +1,160 @@
+"""Thresholding and masks: |w| < T -> 0, and pruned weights stay exactly zero afterwards.
+
+Masks are plain boolean tensors held here, not in the model: after each optimizer step,
+``Pruner.apply()`` zeroes the pruned weights in place and the optimizer's per-parameter state
+at those positions (momentum buffers, Adam moments), so ``state_dict``, ``deepcopy``,
+``torch.compile`` and DDP see an ordinary model with ordinary parameter names.
+
+``auto_threshold`` answers "how do I choose T?": the largest T (global, or one scale for
+per-layer thresholds T_l = s * std(w_l)) whose validation error stays within a budget.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError
+from .models import prunable_weights
+
+
+class Pruner:
+    """Holds masks (True = kept) for the prunable parameters of ``model``."""
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None):
+        self.model = model
+        self.params = params if params is not None else prunable_weights(model)
+        self.optimizer = optimizer
+        self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+
+    # -- thresholds ----------------------------------------------------------------------------
+    def layer_thresholds(self, t: float, mode: str = "global") -> dict[str, float]:
+        """Per-parameter thresholds: T itself (global) or T * std of the kept weights (layer)."""
+        if mode == "global":
+            return {n: float(t) for n in self.params}
+        if mode == "layer":
+            out = {}
+            for n, p in self.params.items():
+                kept = p.detach()[self.masks[n]]
+                out[n] = float(t) * (float(kept.std()) if kept.numel() > 1 else 0.0)
+            return out
+        raise ConfigError(f"threshold mode must be 'global' or 'layer', got {mode!r}")
+
+    @torch.no_grad()
+    def threshold(self, t: float, mode: str = "global") -> int:
+        """Prune every kept weight with |w| < T (per ``mode``); returns how many were pruned."""
+        if t < 0:
+            raise ConfigError(f"threshold must be >= 0, got {t}")
+        before = self.nonzero()
+        for n, tn in self.layer_thresholds(t, mode).items():
+            self.masks[n] &= self.params[n].detach().abs() >= tn
+        self.apply()
+        return before - self.nonzero()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero pruned weights, their gradients and the optimizer state at pruned positions."""
+        for n, p in self.params.items():
+            m = self.masks[n]
+            p.mul_(m)
+            if p.grad is not None:
+                p.grad.mul_(m)
+            if self.optimizer is not None:
+                for v in self.optimizer.state.get(p, {}).values():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        v.mul_(m)
+
+    @torch.no_grad()
+    def auto_threshold(
+        self,
+        evaluate: Callable[[], float],
+        max_error: float,
+        mode: str = "global",
+        steps: int = 14,
+    ) -> float:
+        """Largest T whose error (``evaluate()``, e.g. validation error in %) is <= max_error.
+
+        Bisects over the fraction of currently kept weights to remove (each candidate fraction
+        maps to the magnitude at that quantile), evaluating each candidate with the weights
+        temporarily zeroed. Only candidates that were measured within budget are accepted, so
+        the result respects the budget even where error is not monotone in T. Returns 0.0
+        when no candidate qualifies. Does not change the model or the masks.
+        """
+        scores = self._scores(mode)
+        if scores.numel() == 0:
+            return 0.0
+        sorted_scores = scores.sort().values
+
+        def t_at(frac: float) -> float:
+            if frac <= 0:
+                return 0.0
+            i = min(int(frac * len(sorted_scores)), len(sorted_scores) - 1)
+            return float(sorted_scores[i])
+
+        lo, hi, best = 0.0, 1.0, 0.0
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            t = t_at(mid)
+            if self._error_with(t, mode, evaluate) <= max_error:
+                lo, best = mid, t
+            else:
+                hi = mid
+        return best
+
+    def _scores(self, mode: str) -> torch.Tensor:
+        """Kept weights' magnitudes, divided by their layer's std in 'layer' mode, so that
+        pruning 'score < T' equals the thresholds of ``layer_thresholds``."""
+        per_layer = self.layer_thresholds(1.0, mode)
+        parts = []
+        for n, p in self.params.items():
+            kept = p.detach()[self.masks[n]].abs()
+            scale = per_layer[n]
+            parts.append(kept / scale if scale > 0 else kept)
+        return torch.cat(parts) if parts else torch.empty(0)
+
+    def _error_with(self, t: float, mode: str, evaluate: Callable[[], float]) -> float:
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        try:
+            with torch.no_grad():
+                for n, tn in self.layer_thresholds(t, mode).items():
+                    p = self.params[n]
+                    p.mul_(p.abs() >= tn)
+            return float(evaluate())
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved[n])
+
+    # -- reports -------------------------------------------------------------------------------
+    def nonzero(self) -> int:
+        return int(sum(int(m.sum()) for m in self.masks.values()))
+
+    def state_dict(self) -> dict:
+        return {"masks": {n: m.clone() for n, m in self.masks.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, m in state["masks"].items():
+            if n not in self.masks:
+                raise ConfigError(f"mask for unknown parameter {n!r}")
+            self.masks[n] = m.to(torch.bool).clone()
+
+
+def sparsity_report(model: nn.Module, include_biases: bool = False) -> dict:
+    """Counts of the prunable weights that are exactly zero, per layer and in total."""
+    layers = {}
+    total = nonzero = 0
+    for n, p in prunable_weights(model, include_biases).items():
+        t, nz = p.numel(), int(torch.count_nonzero(p.detach()))
+        layers[n] = {"total": t, "nonzero": nz, "remaining_percent": 100.0 * nz / t}
+        total += t
+        nonzero += nz
+    return {
+        "layers": layers,
+        "total_params": total,
+        "nonzero_params": nonzero,
+        "compression_ratio": total / max(nonzero, 1),
+        "remaining_percent": 100.0 * nonzero / max(total, 1),
+    }

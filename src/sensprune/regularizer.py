@@ -1,0 +1,148 @@
+"""The sensitivity-driven update w <- w - lambda * w * max(0, 1 - S), for any optimizer.
+
+Use it in any training loop::
+
+    reg = SensitivityRegularizer(model, lam=1e-4)
+    for x, t in loader:
+        optimizer.zero_grad()
+        with reg.observe(t):            # shares this forward with the sensitivity
+            out = model(x)
+        F.cross_entropy(out, t).backward()
+        optimizer.step()
+        reg.step()                      # the insensitivity decay, after the optimizer
+
+The decay is applied after the optimizer's update (decoupled, as AdamW does with weight decay),
+so it composes with SGD, momentum, Adam or anything else without touching their state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from . import sensitivity as sens
+from .errors import ConfigError
+from .models import prunable_weights
+
+
+def select_params(model: nn.Module, which: str | Iterable[str] = "weights") -> dict[str, nn.Parameter]:
+    """Parameters the method regularizes: 'weights' (Linear/Conv/recurrent weights, the
+    default), 'weights+biases', 'all' (normalization parameters too) or explicit names."""
+    if which == "weights":
+        return prunable_weights(model)
+    if which == "weights+biases":
+        return prunable_weights(model, include_biases=True)
+    if which == "all":
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if isinstance(which, str):
+        raise ConfigError(f"params must be 'weights', 'weights+biases', 'all' or a list of "
+                          f"names, got {which!r}")
+    named = dict(model.named_parameters())
+    missing = [n for n in which if n not in named]
+    if missing:
+        raise ConfigError(f"unknown parameter(s) {missing}; see model.named_parameters()")
+    return {n: named[n] for n in which}
+
+
+class SensitivityRegularizer:
+    """Applies w <- w - lam_eff * w * max(0, 1 - S) to the selected parameters.
+
+    Args:
+        model: the network (left unmodified: no hooks stay, no parameters renamed).
+        lam: the regularization factor lambda.
+        kind, reduction, outputs: see :func:`sensprune.sensitivity`.
+        params: which parameters to regularize (see :func:`select_params`).
+        every: recompute the sensitivity every N steps (the last value is reused between).
+        optimizer: needed only with ``lr_scaled=True``.
+        lr_scaled: use lam_eff = lam * current learning rate (else lam_eff = lam, the paper's).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lam: float,
+        *,
+        kind: str = "specific",
+        reduction: str = "sample",
+        outputs: str = "logits",
+        params: str | Iterable[str] = "weights",
+        every: int = 1,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_scaled: bool = False,
+    ):
+        sens._check_options(kind, reduction, outputs)
+        if lam < 0:
+            raise ConfigError(f"lam must be >= 0, got {lam}")
+        if every < 1:
+            raise ConfigError(f"every must be >= 1, got {every}")
+        if lr_scaled and optimizer is None:
+            raise ConfigError("lr_scaled=True needs the optimizer (pass optimizer=...)")
+        self.model = model
+        self.lam = float(lam)
+        self.kind, self.reduction, self.outputs = kind, reduction, outputs
+        self.params = select_params(model, params)
+        self.every = every
+        self.optimizer = optimizer
+        self.lr_scaled = lr_scaled
+        self.insensitivity: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    # -- computing S ---------------------------------------------------------------------------
+    def due(self) -> bool:
+        """Whether this step recomputes the sensitivity."""
+        return not self.insensitivity or self.steps % self.every == 0
+
+    @contextlib.contextmanager
+    def observe(self, targets: torch.Tensor | None = None):
+        """Wrap the training forward: the sensitivity is computed from that same forward
+        (its outputs stay usable for the loss and its backward)."""
+        if not self.due() or self.lam == 0:
+            yield
+            return
+        with sens.LayerRecorder(self.model, record_layers=self.reduction == "sample") as rec:
+            yield
+        if rec.n_forward != 1:
+            raise RuntimeError(f"observe() expects exactly one model forward inside the block, "
+                               f"saw {rec.n_forward}")
+        self._set(self._from_output(rec.output, targets, rec))
+
+    def update(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        """Compute the sensitivity from a separate forward on (inputs, targets)."""
+        self._set(sens.sensitivity(self.model, inputs, targets, kind=self.kind,
+                                   reduction=self.reduction, outputs=self.outputs,
+                                   params=list(self.params)))
+
+    def _from_output(self, logits, targets, rec):
+        y = torch.softmax(logits, dim=-1) if self.outputs == "probs" and logits.dim() == 2 else logits
+        alpha = sens.alpha_matrix(y, targets, self.kind)
+        return sens.compute(self.model, y, alpha, self.params, self.kind, self.reduction, rec)
+
+    def _set(self, s: dict[str, torch.Tensor]) -> None:
+        self.insensitivity = {n: (1.0 - v).clamp_(min=0.0) for n, v in s.items()}
+
+    # -- the update ----------------------------------------------------------------------------
+    def effective_lam(self) -> float:
+        if self.lr_scaled:
+            return self.lam * float(self.optimizer.param_groups[0]["lr"])
+        return self.lam
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Apply the decay with the latest sensitivity; call after ``optimizer.step()``."""
+        self.steps += 1
+        lam = self.effective_lam()
+        if lam == 0 or not self.insensitivity:
+            return
+        for name, p in self.params.items():
+            p.addcmul_(p, self.insensitivity[name], value=-lam)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "insensitivity": self.insensitivity, "lam": self.lam}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.lam = float(state["lam"])
+        self.insensitivity = dict(state["insensitivity"])

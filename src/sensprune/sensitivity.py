@@ -1,0 +1,322 @@
+"""Sensitivity of the network outputs to each parameter: S(w) = sum_k alpha_k |dy_k/dw|.
+
+This module owns one thing: computing S exactly, fast where the layer type allows it.
+
+Definitions (B samples, C outputs, alpha from ``kind``):
+  reduction="sample": S(w) = (1/B) sum_n sum_k alpha_{n,k} |dy_{n,k}/dw|
+  reduction="batch":  S(w) = sum_k |(1/B) sum_n alpha_{n,k} dy_{n,k}/dw|
+
+Two engines, both exact:
+  * fast path (reduction="sample", samples independent): temporary forward hooks record each
+    Linear/Conv layer's input a and output z. One backward of the alpha-weighted outputs to
+    the z's (C backwards, vmapped, for the unspecific kind) gives delta = dy/dz per sample;
+    the per-sample weight gradient is delta a^T, so for a Linear layer
+    sum_n |delta_n a_n^T| = |Delta|^T |A| is a single matmul. Conv layers use unfold + bmm.
+  * generic path (torch.autograd with ``is_grads_batched``): one vmapped backward per
+    (sample, output) row, chunked to bound memory. Used for every parameter the fast path
+    does not cover (LSTM, Embedding, normalization) and whenever samples are coupled
+    (BatchNorm in training mode), and for reduction="batch".
+The hooks live only for the duration of one forward; the user's model is never modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+KINDS = ("specific", "unspecific")
+REDUCTIONS = ("sample", "batch")
+OUTPUTS = ("logits", "probs")
+
+# Upper bound on floats materialized at once by the generic engine (rows x parameters).
+_GENERIC_BUDGET = 1 << 25
+
+
+def _check_options(kind: str, reduction: str, outputs: str) -> None:
+    if kind not in KINDS:
+        raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if outputs not in OUTPUTS:
+        raise ConfigError(f"outputs must be one of {OUTPUTS}, got {outputs!r}")
+
+
+class LayerRecorder(contextlib.AbstractContextManager):
+    """Records (input, output) of Linear/Conv layers and the model's output during one forward.
+
+    The hooks are removed on exit. A layer called more than once, or whose output was later
+    modified in place, is marked unusable for the fast path (its parameters go generic).
+    """
+
+    FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+    def __init__(self, model: nn.Module, record_layers: bool = True):
+        self.model = model
+        self.record_layers = record_layers
+        self.calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self.output: torch.Tensor | None = None
+        self.n_forward = 0
+        self._handles: list = []
+
+    def __enter__(self):
+        if self.record_layers:
+            for mod in self.model.modules():
+                if isinstance(mod, self.FAST_TYPES) and _fast_supported(mod):
+                    self._handles.append(mod.register_forward_hook(self._layer_hook))
+        self._handles.append(self.model.register_forward_hook(self._root_hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+    def _layer_hook(self, mod, inputs, output):
+        if torch.is_tensor(output) and output.requires_grad:
+            self.calls.setdefault(mod, []).append((inputs[0].detach(), output, output._version))
+
+    def _root_hook(self, mod, inputs, output):
+        self.n_forward += 1
+        self.output = output
+
+    def usable(self) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+        """Layers recorded exactly once whose output tensor was not modified in place."""
+        return {
+            m: (c[0][0], c[0][1])
+            for m, c in self.calls.items()
+            if len(c) == 1 and c[0][1]._version == c[0][2]
+        }
+
+
+def _fast_supported(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Linear):
+        return True
+    return (
+        mod.groups == 1
+        and mod.padding_mode == "zeros"
+        and not isinstance(mod.padding, str)
+    )
+
+
+def samples_coupled(model: nn.Module) -> bool:
+    """True when one sample's output depends on other samples (BatchNorm using batch stats)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.training or not m.track_running_stats:
+                return True
+    return False
+
+
+def alpha_matrix(y: torch.Tensor, targets: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """The (B, C) weights alpha_{n,k}: one-hot targets (specific) or 1/C (unspecific)."""
+    if y.dim() != 2:
+        raise ConfigError(
+            f"model outputs must have shape (batch, classes), got {tuple(y.shape)}; "
+            "flatten or select the classification outputs before computing the sensitivity"
+        )
+    b, c = y.shape
+    if kind == "unspecific":
+        return torch.full_like(y, 1.0 / c).detach()
+    if targets is None:
+        raise ConfigError("kind='specific' needs targets (the correct class of each sample); "
+                          "pass targets or use kind='unspecific'")
+    targets = torch.as_tensor(targets, device=y.device)
+    if targets.shape != (b,) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ConfigError(f"targets must be an integer tensor of shape ({b},), "
+                          f"got {targets.dtype} {tuple(targets.shape)}")
+    if b and (int(targets.min()) < 0 or int(targets.max()) >= c):
+        raise ConfigError(f"targets out of range: values must be in [0, {c - 1}], "
+                          f"got [{int(targets.min())}, {int(targets.max())}]")
+    return F.one_hot(targets.long(), c).to(y.dtype)
+
+
+def _batched_grad(y, inputs, grad_outputs):
+    """Vector-Jacobian products for a stack of grad_outputs (R, *y.shape), one per row.
+
+    Uses autograd's vmapped backward; falls back to a loop where an op has no batching rule.
+    Unused inputs get zeros.
+    """
+    try:
+        grads = torch.autograd.grad(y, inputs, grad_outputs, retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
+    except RuntimeError:
+        rows = [torch.autograd.grad(y, inputs, g, retain_graph=True, allow_unused=True)
+                for g in grad_outputs]
+        grads = tuple(
+            None if rows[0][i] is None else torch.stack([r[i] for r in rows])
+            for i in range(len(inputs))
+        )
+    r = grad_outputs.shape[0]
+    return [torch.zeros((r,) + t.shape, dtype=t.dtype, device=t.device) if g is None else g
+            for g, t in zip(grads, inputs)]
+
+
+def _generic(y, alpha, params: list[torch.Tensor], reduction: str) -> list[torch.Tensor]:
+    """Exact S for any parameter through per-row backward passes (rows chunked)."""
+    b, c = y.shape
+    out = [torch.zeros_like(p) for p in params]
+    if not params or b == 0:
+        return out
+    if reduction == "batch":
+        # Row k: d/dw (1/B) sum_n alpha_{n,k} y_{n,k}; S = sum_k |row_k|.
+        ks = [k for k in range(c) if bool(alpha[:, k].any())]
+        rows = []
+        for k in ks:
+            g = torch.zeros_like(y)
+            g[:, k] = alpha[:, k] / b
+            rows.append(g)
+        weights = [1.0] * len(rows)
+    else:
+        # Row (n, k): dy_{n,k}/dw with weight alpha_{n,k} / B.
+        nz = alpha.nonzero(as_tuple=False)
+        rows, weights = [], []
+        for n, k in nz.tolist():
+            g = torch.zeros_like(y)
+            g[n, k] = 1.0
+            rows.append(g)
+            weights.append(float(alpha[n, k]) / b)
+    numel = sum(p.numel() for p in params)
+    chunk = max(1, min(len(rows), _GENERIC_BUDGET // max(numel, 1)))
+    for start in range(0, len(rows), chunk):
+        go = torch.stack(rows[start:start + chunk])
+        w = torch.tensor(weights[start:start + chunk], dtype=y.dtype, device=y.device)
+        grads = _batched_grad(y, params, go)
+        for acc, g in zip(out, grads):
+            acc += torch.tensordot(w, g.abs(), dims=1)
+    return out
+
+
+def _fast_layer(mod: nn.Module, a: torch.Tensor, delta: torch.Tensor, weight: float):
+    """S of (weight, bias) of one Linear/Conv layer from its input a (B, ...) and the
+    output derivatives delta (K, B, ...) of K output rows, each scaled by ``weight``."""
+    k, b = delta.shape[:2]
+    if isinstance(mod, nn.Linear):
+        a = a.reshape(b, -1, a.shape[-1])
+        d = delta.reshape(k, b, -1, delta.shape[-1])
+        if a.shape[1] == 1:
+            # Per-sample gradient is rank one: sum_n |d_n a_n^T| = (sum_k |d|)^T |a|.
+            dsum = d[:, :, 0].abs().sum(0)
+            s_w = dsum.t().mm(a[:, 0].abs())
+            s_b = dsum.sum(0)
+        else:
+            s_w = torch.zeros_like(mod.weight)
+            s_b = torch.zeros(mod.out_features, dtype=a.dtype, device=a.device)
+            for dk in d:  # (B, T, out): per-sample gradient sum_t d_t a_t^T
+                s_w += torch.bmm(dk.transpose(1, 2), a).abs().sum(0)
+                s_b += dk.sum(1).abs().sum(0)
+    else:
+        if isinstance(mod, nn.Conv1d):
+            a = a.unsqueeze(2)
+            ks, st, pd, dl = ((1, mod.kernel_size[0]), (1, mod.stride[0]),
+                              (0, mod.padding[0]), (1, mod.dilation[0]))
+        else:
+            ks, st, pd, dl = mod.kernel_size, mod.stride, mod.padding, mod.dilation
+        cols = F.unfold(a, ks, dilation=dl, padding=pd, stride=st)  # (B, Cin*kk, P)
+        cols_t = cols.transpose(1, 2)
+        d = delta.reshape(k, b, mod.out_channels, -1)  # (K, B, O, P)
+        s_w = torch.zeros(mod.out_channels, cols.shape[1], dtype=a.dtype, device=a.device)
+        s_b = torch.zeros(mod.out_channels, dtype=a.dtype, device=a.device)
+        for dk in d:
+            s_w += torch.bmm(dk, cols_t).abs().sum(0)
+            s_b += dk.sum(-1).abs().sum(0)
+        s_w = s_w.reshape(mod.weight.shape)
+    return s_w.mul_(weight), s_b.mul_(weight)
+
+
+def compute(
+    model: nn.Module,
+    y: torch.Tensor,
+    alpha: torch.Tensor,
+    named_params: dict[str, torch.Tensor],
+    kind: str,
+    reduction: str,
+    recorder: LayerRecorder | None = None,
+) -> dict[str, torch.Tensor]:
+    """S for ``named_params`` given the outputs y (B, C) of a forward that is still in the
+    autograd graph, and the alpha weights. ``recorder`` enables the fast path."""
+    b, c = y.shape
+    result: dict[str, torch.Tensor] = {}
+    id_to_name = {id(p): n for n, p in named_params.items()}
+    fast_ok = (recorder is not None and reduction == "sample" and not samples_coupled(model))
+    if fast_ok and b > 0:
+        layers = {m: r for m, r in recorder.usable().items()
+                  if any(id(p) in id_to_name for p in m.parameters(recurse=False))}
+        if layers:
+            if kind == "specific":
+                # specific: one backward; alpha itself selects y_{n, t_n}.
+                go, weight = alpha.unsqueeze(0), 1.0 / b
+            else:
+                # unspecific: alpha is constant 1/C -> C output rows, each weight 1/(B C).
+                go = torch.eye(c, dtype=y.dtype, device=y.device).unsqueeze(1).expand(c, b, c)
+                weight = float(alpha[0, 0]) / b
+            mods = list(layers)
+            deltas = _batched_grad(y, [layers[m][1] for m in mods], go.contiguous())
+            for m, delta in zip(mods, deltas):
+                s_w, s_b = _fast_layer(m, layers[m][0], delta, weight)
+                for p_name, s in (("weight", s_w), ("bias", s_b)):
+                    p = getattr(m, p_name, None)
+                    if p is not None and id(p) in id_to_name:
+                        result[id_to_name[id(p)]] = s
+    rest = [n for n in named_params if n not in result]
+    if rest:
+        for n, s in zip(rest, _generic(y, alpha, [named_params[n] for n in rest], reduction)):
+            result[n] = s
+    return {n: result[n].detach() for n in named_params}
+
+
+def _select(model: nn.Module, params: Iterable[str] | None) -> dict[str, torch.Tensor]:
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if params is None:
+        return named
+    missing = [n for n in params if n not in named]
+    if missing:
+        raise ConfigError(f"unknown or frozen parameter(s) {missing}; see model.named_parameters()")
+    return {n: named[n] for n in params}
+
+
+def sensitivity(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    kind: str = "specific",
+    reduction: str = "sample",
+    outputs: str = "logits",
+    params: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sensitivity S of the outputs to every parameter that requires grad.
+
+    Args:
+        model: any ``nn.Module`` whose forward maps ``inputs`` to (B, C) outputs.
+        inputs: a batch of B inputs.
+        targets: (B,) class indices; required for ``kind="specific"``.
+        kind: ``"specific"`` (alpha = one-hot target) or ``"unspecific"`` (alpha = 1/C).
+        reduction: ``"sample"`` (|.| per sample, then mean) or ``"batch"`` (|.| of the mean).
+        outputs: ``"logits"`` (y = model output) or ``"probs"`` (y = softmax of it).
+        params: restrict to these parameter names (default: all that require grad).
+
+    Returns:
+        ``{name: S}`` with each S of its parameter's shape. The model's mode, gradients and
+        buffers (BatchNorm running statistics) are left as they were.
+    """
+    _check_options(kind, reduction, outputs)
+    named = _select(model, params)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    try:
+        with torch.enable_grad(), LayerRecorder(model, record_layers=reduction == "sample") as rec:
+            logits = model(inputs)
+        y = torch.softmax(logits, dim=-1) if outputs == "probs" and logits.dim() == 2 else logits
+        alpha = alpha_matrix(y, targets, kind)
+        return compute(model, y, alpha, named, kind, reduction, rec)
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in buffers:
+                    b.copy_(buffers[n])

@@ -1,0 +1,274 @@
+"""The training loop: phases, evaluation, thresholding, checkpoints, resume, metrics, progress.
+
+One run = warmup epochs (plain training) -> sparsification epochs (the regularizer after every
+optimizer step, a threshold at every epoch end) -> fine-tuning epochs (masks fixed). Every
+epoch ends with an evaluation, a metrics line (metrics.jsonl) and an atomic checkpoint, so an
+interrupted run resumes exactly where it stopped (``resume=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import __version__
+from .config import TrainConfig
+from .data import Splits, batches, load_dataset
+from .errors import CheckpointError
+from .models import build_model
+from .pruning import Pruner, sparsity_report
+from .regularizer import SensitivityRegularizer
+from .report import summary_markdown
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    return None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
+             batch_size: int = 1000) -> tuple[float, float]:
+    """(error in percent, mean cross-entropy) on in-memory data, in eval mode."""
+    was_training = model.training
+    model.eval()
+    wrong, loss_sum = 0, 0.0
+    for x, y in batches(data, batch_size):
+        out = model(x)
+        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+        wrong += int((out.argmax(1) != y).sum())
+    model.train(was_training)
+    n = max(len(data[1]), 1)
+    return 100.0 * wrong / n, loss_sum / n
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over ``path``:
+    a crash leaves either the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {p} not found; give a run directory or its "
+                              f"{CHECKPOINT}") from None
+    except Exception as exc:  # torch raises several types for torn/corrupt files
+        raise CheckpointError(f"checkpoint {p} is unreadable ({type(exc).__name__}); it is "
+                              "corrupt or not a sensprune checkpoint") from None
+
+
+def phase_of(cfg: TrainConfig, epoch: int) -> str:
+    if cfg.method == "none":
+        return "train"
+    if epoch < cfg.warmup_epochs:
+        return "warmup"
+    if epoch >= cfg.epochs - cfg.finetune_epochs:
+        return "finetune"
+    return "sparsify"
+
+
+def _progress(iterable, total: int, enabled: bool, desc: str):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+            return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+        except ImportError:
+            pass
+    return None
+
+
+def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
+          stop_after_epoch: int | None = None, log=print) -> dict:
+    """Run ``cfg`` to the end (or resume it) and return the summary dict.
+
+    ``stop_after_epoch`` ends the process-equivalent early (used to test resume).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = splits or load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, splits.info.num_classes, splits.info.input_shape)
+    opt = make_optimizer(cfg, model.parameters())
+    sched = make_scheduler(cfg, opt)
+    reg = None
+    if cfg.method == "sensitivity":
+        reg = SensitivityRegularizer(
+            model, cfg.lam, kind=cfg.kind, reduction=cfg.reduction, outputs=cfg.outputs,
+            params=cfg.regularize, every=cfg.sens_every, optimizer=opt,
+            lr_scaled=cfg.lam_lr_scaled)
+    pruner = Pruner(model, optimizer=opt)
+
+    state: dict[str, Any] = {"epoch": 0, "train_seconds": 0.0, "reference_val_error": None,
+                             "thresholds": []}
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if sched is not None and ckpt.get("scheduler"):
+            sched.load_state_dict(ckpt["scheduler"])
+        if reg is not None and ckpt.get("regularizer"):
+            reg.load_state_dict(ckpt["regularizer"])
+        pruner.load_state_dict(ckpt["pruner"])
+        state = ckpt["state"]
+        _truncate_metrics(out / "metrics.jsonl", state["epoch"])
+        log(f"resumed from {ckpt_path} at epoch {state['epoch']}")
+    elif not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    eval_val = lambda: evaluate(model, splits.val)[0]  # noqa: E731
+    steps_per_epoch = math.ceil(len(splits.train[1]) / cfg.batch_size)
+    for epoch in range(state["epoch"], cfg.epochs):
+        phase = phase_of(cfg, epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout etc.: reproducible per epoch
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = wrong = seen = 0
+        it = batches(splits.train, cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch)
+        bar = _progress(it, steps_per_epoch, cfg.progress, f"epoch {epoch + 1}/{cfg.epochs} {phase}")
+        regularize = reg is not None and phase == "sparsify"
+        for x, y in bar if bar is not None else it:
+            opt.zero_grad(set_to_none=True)
+            if regularize:
+                with reg.observe(y):
+                    logits = model(x)
+            else:
+                logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            opt.step()
+            if regularize:
+                reg.step()
+            pruner.apply()
+            loss_sum += float(loss.detach()) * len(y)
+            wrong += int((logits.argmax(1) != y).sum())
+            seen += len(y)
+            if bar is not None and (seen // len(y)) % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{100 * wrong / seen:.2f}%",
+                                remain=f"{100 * pruner.nonzero() / max(1, _numel(pruner)):.1f}%")
+        if bar is not None:
+            bar.close()
+        if sched is not None:
+            sched.step()
+
+        threshold = None
+        if phase == "sparsify" and cfg.threshold != "none":
+            if cfg.threshold == "auto":
+                if state["reference_val_error"] is None:
+                    state["reference_val_error"] = eval_val()
+                budget = state["reference_val_error"] + cfg.val_budget
+                threshold = pruner.auto_threshold(eval_val, budget, cfg.threshold_mode)
+            else:
+                threshold = float(cfg.threshold)
+            pruner.threshold(threshold, cfg.threshold_mode)
+            state["thresholds"].append(threshold)
+        elif phase == "warmup" and epoch == cfg.warmup_epochs - 1:
+            state["reference_val_error"] = eval_val()
+        state["train_seconds"] += time.perf_counter() - t0
+
+        val_err, _ = evaluate(model, splits.val)
+        test_err, _ = evaluate(model, splits.test)
+        sp = sparsity_report(model)
+        record = {
+            "epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(seen, 1),
+            "train_error": 100.0 * wrong / max(seen, 1), "val_error": val_err,
+            "test_error": test_err, "remaining_percent": sp["remaining_percent"],
+            "compression_ratio": sp["compression_ratio"], "threshold": threshold,
+            "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+        }
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log(f"epoch {epoch + 1:3d}/{cfg.epochs} {phase:8s} loss {record['train_loss']:.4f} "
+            f"val {val_err:5.2f}% test {test_err:5.2f}% remaining {sp['remaining_percent']:6.2f}% "
+            f"({sp['compression_ratio']:.1f}x)"
+            + (f" T={threshold:.3g}" if threshold is not None else ""))
+
+        state["epoch"] = epoch + 1
+        save_atomic({
+            "version": __version__, "config": cfg.to_dict(), "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "regularizer": reg.state_dict() if reg is not None else None,
+            "pruner": pruner.state_dict(), "state": state,
+        }, ckpt_path)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            return {"stopped_at_epoch": epoch + 1}
+
+    return finish(cfg, model, splits, state, out)
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metrics lines of epochs whose checkpoint was never written (a crash between)."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        write_text_atomic("".join(lines[:epochs_done]), path)
+
+
+def _numel(pruner: Pruner) -> int:
+    return sum(m.numel() for m in pruner.masks.values())
+
+
+def finish(cfg: TrainConfig, model: nn.Module, splits: Splits, state: dict, out: Path) -> dict:
+    """Final evaluation; writes model.pt, summary.json and summary.md."""
+    val_err, _ = evaluate(model, splits.val)
+    test_err, _ = evaluate(model, splits.test)
+    sp = sparsity_report(model)
+    summary = {
+        "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method,
+        "test_error": test_err, "val_error": val_err,
+        "total_params": sp["total_params"], "nonzero_params": sp["nonzero_params"],
+        "compression_ratio": sp["compression_ratio"],
+        "remaining_per_layer": {n: v["remaining_percent"] for n, v in sp["layers"].items()},
+        "layers": sp["layers"],
+        "all_params": sum(p.numel() for p in model.parameters()),
+        "epochs": cfg.epochs, "train_seconds": state["train_seconds"],
+        "thresholds": state["thresholds"], "reference_val_error": state["reference_val_error"],
+        "config": cfg.to_dict(),
+        "versions": {"sensprune": __version__, "torch": torch.__version__},
+    }
+    save_atomic(model.state_dict(), out / "model.pt")
+    write_text_atomic(json.dumps(summary, indent=2) + "\n", out / "summary.json")
+    write_text_atomic(summary_markdown(summary), out / "summary.md")
+    return summary
