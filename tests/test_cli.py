@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sensprune", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def assert_usage_error(r, needle):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--epochs", "0"], "positive integer"),
+    (["train", "--model", "lenet"], "invalid choice"),
+    (["train", "--lr", "fast"], "expected a number"),
+    (["train", "--recipe", "no/such.toml"], "recipe file no/such.toml not found"),
+    (["train", "--threshold", "big"], "threshold must be"),
+    (["train", "--warmup-epochs", "5", "--epochs", "2"], "exceed epochs"),
+    (["train", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "--data-dir"),
+    (["train", "--resume", "--out", "/tmp/sensprune-no-such-run"], "no checkpoint"),
+    (["evaluate", "/tmp/sensprune-no-such-run"], "not found"),
+    (["report", "/tmp"], "summary.json not found"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_are_one_line(args, needle):
+    assert_usage_error(run(*args), needle)
+
+
+def test_bad_recipe_contents(tmp_path):
+    bad = tmp_path / "r.toml"
+    bad.write_text("epochs = 3\nlearning_rate = 0.1\n")
+    assert_usage_error(run("train", "--recipe", str(bad)), "unknown setting(s) learning_rate")
+    bad.write_text("epochs = [\n")
+    assert_usage_error(run("train", "--recipe", str(bad)), "invalid TOML")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert_usage_error(run("evaluate", str(tmp_path)), "unreadable")
+
+
+def test_train_evaluate_report_roundtrip(tmp_path):
+    out = tmp_path / "run"
+    r = run("train", "--model", "lenet300", "--epochs", "2", "--limit-train", "2000",
+            "--val-size", "500", "--warmup-epochs", "1", "--lam", "1e-3", "--out", str(out),
+            "--no-progress", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert "| fc1.weight |" in r.stdout and "compression" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["seed"] == 3 and summary["epochs"] == 2
+    e = run("evaluate", str(out / "checkpoint.pt"), "--json")
+    assert e.returncode == 0, e.stderr
+    ev = json.loads(e.stdout)
+    assert ev["test_error"] == summary["test_error"]
+    assert ev["nonzero_params"] == summary["nonzero_params"]
+    rep = run("report", str(out))
+    assert rep.returncode == 0 and "fc1.weight" in rep.stdout
+    # resume after the end is a no-op that still writes the summary
+    again = run("train", "--model", "lenet300", "--epochs", "2", "--limit-train", "2000",
+                "--val-size", "500", "--warmup-epochs", "1", "--lam", "1e-3", "--out",
+                str(out), "--no-progress", "--seed", "3", "--resume")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "summary.json").read_text())["test_error"] == summary["test_error"]
+
+
+def test_help_everywhere():
+    for args in ([], ["train"], ["evaluate"], ["report"]):
+        r = run(*args, "--help")
+        assert r.returncode == 0 and "usage:" in r.stdout

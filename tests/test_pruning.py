@@ -1,0 +1,87 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from sensprune import Pruner, sparsity_report
+from sensprune.errors import ConfigError
+
+
+def model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 10))
+
+
+def test_global_threshold_hand_check():
+    m = model()
+    p = Pruner(m)
+    w0 = {n: q.detach().clone() for n, q in p.params.items()}
+    n_pruned = p.threshold(0.05)
+    expected = sum(int((w.abs() < 0.05).sum()) for w in w0.values())
+    assert n_pruned == expected
+    for n, q in p.params.items():
+        assert torch.equal(q.detach(), torch.where(w0[n].abs() < 0.05, 0.0, w0[n]))
+    rep = sparsity_report(m)
+    assert rep["nonzero_params"] == 50 * 40 + 40 * 10 - expected
+    assert rep["compression_ratio"] == pytest.approx(2400 / rep["nonzero_params"])
+
+
+def test_per_layer_threshold_scales_with_std():
+    m = model()
+    p = Pruner(m)
+    stds = {n: float(q.detach().std()) for n, q in p.params.items()}
+    w0 = {n: q.detach().clone() for n, q in p.params.items()}
+    p.threshold(0.5, mode="layer")
+    for n, q in p.params.items():
+        assert torch.equal(q.detach() == 0, w0[n].abs() < 0.5 * stds[n])
+
+
+def test_masks_only_grow():
+    m = model()
+    p = Pruner(m)
+    p.threshold(0.05)
+    kept = p.nonzero()
+    with torch.no_grad():
+        for q in p.params.values():
+            q.add_(1.0)  # pruned entries become non-zero...
+    p.apply()  # ...and the masks zero them again
+    assert p.nonzero() == kept == sparsity_report(m)["nonzero_params"]
+    p.threshold(0.0)
+    assert p.nonzero() == kept
+
+
+def test_auto_threshold_respects_budget_and_is_tight():
+    """A synthetic error curve: error = fraction of weights pruned (in %), so the budget is a
+    known fraction; the search must stay within it and get close to it."""
+    m = model()
+    p = Pruner(m)
+    total = 2400
+
+    def err():
+        return 100.0 * sum(int((q == 0).sum()) for q in p.params.values()) / total
+
+    for budget in (10.0, 37.0, 80.0):
+        t = p.auto_threshold(err, budget)
+        assert p.nonzero() == total  # the search changed nothing
+        p_try = Pruner(m)
+        saved = [q.detach().clone() for q in p.params.values()]
+        p_try.threshold(t)
+        got = err()
+        with torch.no_grad():
+            for q, s in zip(p.params.values(), saved):
+                q.copy_(s)
+        assert got <= budget
+        assert got >= budget - 0.5  # 14 bisection steps: within 1/16384 of the kept weights
+
+
+def test_auto_threshold_impossible_budget_returns_zero():
+    m = model()
+    p = Pruner(m)
+    assert p.auto_threshold(lambda: 50.0, max_error=10.0) == 0.0
+
+
+def test_bad_threshold():
+    p = Pruner(model())
+    with pytest.raises(ConfigError):
+        p.threshold(-1.0)
+    with pytest.raises(ConfigError, match="mode"):
+        p.threshold(0.1, mode="neuron")

@@ -1,0 +1,138 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sensprune import sensitivity
+from sensprune.errors import ConfigError
+from sensprune.models import ConvBNNet, LSTMClassifier, LeNet5
+
+from reference import brute_force_sensitivity
+
+ACTS = {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu}
+
+
+class MLP(nn.Module):
+    def __init__(self, act="relu"):
+        super().__init__()
+        self.act = ACTS[act]
+        self.l1, self.l2, self.l3 = nn.Linear(12, 16), nn.Linear(16, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.l3(self.act(self.l2(self.act(self.l1(x)))))
+
+
+class SeqModel(nn.Module):
+    """Embedding -> GRU, a Linear applied per time step (3-D input), a Conv1d, a shared
+    Linear used twice (weight sharing) and a residual connection."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.gru = nn.GRU(6, 6, batch_first=True)
+        self.per_step = nn.Linear(6, 6)
+        self.conv = nn.Conv1d(6, 4, 3, padding=1, stride=2)
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        h, _ = self.gru(self.emb(tokens))
+        h = h + torch.tanh(self.per_step(h))
+        z = self.conv(h.transpose(1, 2)).mean(-1)
+        z = self.shared(F.gelu(self.shared(z))) + z
+        return self.head(z)
+
+
+def cases():
+    yield "mlp-relu", MLP("relu"), torch.randn(7, 12), 5
+    yield "mlp-tanh", MLP("tanh"), torch.randn(7, 12), 5
+    yield "mlp-sigmoid", MLP("sigmoid"), torch.randn(7, 12), 5
+    yield "mlp-gelu", MLP("gelu"), torch.randn(7, 12), 5
+    yield "lenet5", LeNet5(), torch.randn(4, 1, 28, 28), 10
+    yield "cnn-bn-train-tanh", ConvBNNet(act="tanh").train(), torch.randn(4, 1, 28, 28), 10
+    yield "cnn-bn-eval-gelu", ConvBNNet(act="gelu").eval(), torch.randn(4, 1, 28, 28), 10
+    yield "lstm-sigmoid-tanh", LSTMClassifier(hidden=8), torch.randn(3, 1, 28, 28), 10
+    yield "seq-emb-gru-conv1d", SeqModel(), torch.randint(0, 11, (5, 9)), 3
+
+
+@pytest.mark.parametrize("name,model,x,c", list(cases()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("kind", ["specific", "unspecific"])
+@pytest.mark.parametrize("reduction", ["sample", "batch"])
+def test_matches_brute_force(name, model, x, c, kind, reduction):
+    targets = torch.randint(0, c, (x.shape[0],))
+    outputs = "probs" if hash(name) % 2 else "logits"
+    for out in ("logits", "probs") if name.startswith("mlp") else (outputs,):
+        s = sensitivity(model, x, targets, kind=kind, reduction=reduction, outputs=out)
+        ref = brute_force_sensitivity(model, x, targets, kind, reduction, out)
+        assert set(s) == set(ref)
+        for n in ref:
+            assert s[n].shape == ref[n].shape
+            torch.testing.assert_close(s[n].double(), ref[n], rtol=1e-5, atol=1e-7,
+                                       msg=f"{name} {kind} {reduction} {out} {n}")
+
+
+def test_hand_computed_linear():
+    # y = W x + b with C=2 outputs: dy_k/dW_kj = x_j, dy_k/db_k = 1, zero elsewhere.
+    m = nn.Linear(3, 2)
+    x = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]])
+    t = torch.tensor([0, 1])
+    s = sensitivity(m, x, t, kind="specific")
+    expected_w = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, 1.0]]) / 2
+    torch.testing.assert_close(s["weight"], expected_w)
+    torch.testing.assert_close(s["bias"], torch.tensor([0.5, 0.5]))
+    s = sensitivity(m, x, kind="unspecific")  # alpha = 1/2 for both outputs
+    torch.testing.assert_close(s["weight"], torch.tensor([[0.75, 1.0, 2.0]] * 2) / 2)
+    s = sensitivity(m, x, t, kind="specific", reduction="batch")
+    torch.testing.assert_close(s["weight"], expected_w)  # one sample per class: no cancellation
+    s = sensitivity(m, x, torch.tensor([0, 0]), kind="specific", reduction="batch")
+    torch.testing.assert_close(s["weight"][0], torch.tensor([1.5, 2.0, 2.0]) / 2)
+
+
+def test_batch_reduction_lets_signs_cancel():
+    m = nn.Linear(1, 2, bias=False)
+    x = torch.tensor([[1.0], [-1.0]])
+    t = torch.tensor([0, 0])
+    assert sensitivity(m, x, t, reduction="sample")["weight"][0, 0] == 1.0
+    assert sensitivity(m, x, t, reduction="batch")["weight"][0, 0] == 0.0
+
+
+def test_mode_grads_and_buffers_untouched():
+    m = ConvBNNet(act="tanh").train()
+    x = torch.randn(4, 1, 28, 28)
+    for p in m.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    buffers = copy.deepcopy(dict(m.named_buffers()))
+    sensitivity(m, x, torch.tensor([1, 2, 3, 4]), kind="unspecific")
+    assert m.training
+    assert all(torch.all(p.grad == 3.0) for p in m.parameters())
+    for n, b in m.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    m.eval()
+    sensitivity(m, x, torch.tensor([1, 2, 3, 4]))
+    assert not m.training
+
+
+def test_no_hooks_left_behind():
+    m = MLP()
+    sensitivity(m, torch.randn(2, 12), torch.tensor([0, 1]))
+    for mod in m.modules():
+        assert not mod._forward_hooks and not mod._backward_hooks
+
+
+def test_errors():
+    m = MLP()
+    x = torch.randn(3, 12)
+    with pytest.raises(ConfigError, match="needs targets"):
+        sensitivity(m, x)
+    with pytest.raises(ConfigError, match=r"out of range.*\[0, 4\]"):
+        sensitivity(m, x, torch.tensor([0, 1, 5]))
+    with pytest.raises(ConfigError, match="integer tensor of shape"):
+        sensitivity(m, x, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ConfigError, match=r"shape \(batch, classes\)"):
+        sensitivity(nn.Linear(12, 4), torch.randn(3, 2, 12), kind="unspecific")
+    with pytest.raises(ConfigError, match="kind must be"):
+        sensitivity(m, x, kind="nope")
+    with pytest.raises(ConfigError, match="reduction must be"):
+        sensitivity(m, x, kind="unspecific", reduction="mean")

@@ -1,0 +1,74 @@
+import json
+
+import torch
+
+from sensprune import build_model, evaluate, make_config, train
+from sensprune.data import load_dataset
+
+
+def small_cfg(tmp_path, **kw):
+    base = dict(model="lenet300", limit_train=3000, val_size=1000, epochs=3, warmup_epochs=1,
+                finetune_epochs=0, lr=0.03, lam=1e-3, out=str(tmp_path / "run"), progress=False)
+    base.update(kw)
+    return make_config(**base)
+
+
+def test_short_run_reaches_sane_accuracy_and_sparsity(tmp_path, mnist):
+    cfg = small_cfg(tmp_path, epochs=4, warmup_epochs=2, limit_train=10000)
+    s = train(cfg, log=lambda *_: None)
+    assert s["test_error"] < 10.0  # 10000 samples, 4 epochs: about 6% expected
+    assert s["compression_ratio"] > 1.5  # the method pruned something
+    for key in ("test_error", "val_error", "total_params", "nonzero_params", "compression_ratio",
+                "remaining_per_layer", "epochs", "train_seconds", "config"):
+        assert key in s
+    # independent check of the summary against the saved weights and the MNIST test set
+    state = torch.load(tmp_path / "run" / "model.pt")
+    weights = [v for k, v in state.items() if k.endswith("weight")]
+    total = sum(w.numel() for w in weights)
+    nonzero = sum(int((w != 0).sum()) for w in weights)
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["total_params"] == total == 266_200
+    assert on_disk["nonzero_params"] == nonzero
+    assert abs(on_disk["compression_ratio"] - total / nonzero) < 1e-9
+    m = build_model("lenet300")
+    m.load_state_dict(state)
+    m.eval()
+    x, y = mnist.test
+    with torch.no_grad():
+        err = 100.0 * int((m(x).argmax(1) != y).sum()) / len(y)
+    assert abs(err - on_disk["test_error"]) < 1e-9
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "summary.md").read_text().count("fc1.weight") == 1
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    splits = load_dataset("mnist", val_size=500, limit_train=1000)
+    kw = dict(optimizer="adam", lr=1e-3, epochs=3, warmup_epochs=1, sens_every=2)
+    full = train(small_cfg(tmp_path / "a", **kw), splits=splits, log=lambda *_: None)
+    cfg_b = small_cfg(tmp_path / "b", **kw)
+    assert train(cfg_b, splits=splits, stop_after_epoch=2, log=lambda *_: None) == {
+        "stopped_at_epoch": 2}
+    resumed = train(cfg_b, resume=True, splits=splits, log=lambda *_: None)
+    a = torch.load(tmp_path / "a" / "run" / "model.pt")
+    b = torch.load(tmp_path / "b" / "run" / "model.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full["test_error"] == resumed["test_error"]
+    assert full["thresholds"] == resumed["thresholds"]
+    assert len((tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_seeded_runs_are_deterministic(tmp_path):
+    splits = load_dataset("mnist", val_size=500, limit_train=600)
+    kw = dict(epochs=2, warmup_epochs=0, threshold=0.01, method="sensitivity")
+    s1 = train(small_cfg(tmp_path / "1", **kw), splits=splits, log=lambda *_: None)
+    s2 = train(small_cfg(tmp_path / "2", **kw), splits=splits, log=lambda *_: None)
+    assert s1["nonzero_params"] == s2["nonzero_params"]
+    assert s1["test_error"] == s2["test_error"]
+
+
+def test_evaluate_helper(mnist):
+    m = build_model("lenet300")
+    err, loss = evaluate(m, mnist.val)
+    assert 80.0 < err < 95.0 and loss > 2.0  # an untrained net is near chance
