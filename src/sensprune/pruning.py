@@ -56,12 +56,11 @@ class Pruner:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Zero pruned weights, their gradients and the optimizer state at pruned positions."""
+        """Zero pruned weights and the optimizer state at pruned positions (call after each
+        optimizer step: momentum or Adam moments would otherwise revive them)."""
         for n, p in self.params.items():
             m = self.masks[n]
             p.mul_(m)
-            if p.grad is not None:
-                p.grad.mul_(m)
             if self.optimizer is not None:
                 for v in self.optimizer.state.get(p, {}).values():
                     if torch.is_tensor(v) and v.shape == p.shape:

@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from . import sensitivity as sens
+from .sensitivity import LayerRecorder, alpha_matrix, check_options, compute, sensitivity
 from .errors import ConfigError
 from .models import prunable_weights
 
@@ -73,7 +73,7 @@ class SensitivityRegularizer:
         optimizer: torch.optim.Optimizer | None = None,
         lr_scaled: bool = False,
     ):
-        sens._check_options(kind, reduction, outputs)
+        check_options(kind, reduction, outputs)
         if lam < 0:
             raise ConfigError(f"lam must be >= 0, got {lam}")
         if every < 1:
@@ -102,7 +102,7 @@ class SensitivityRegularizer:
         if not self.due() or self.lam == 0:
             yield
             return
-        with sens.LayerRecorder(self.model, record_layers=self.reduction == "sample") as rec:
+        with LayerRecorder(self.model, record_layers=self.reduction == "sample") as rec:
             yield
         if rec.n_forward != 1:
             raise RuntimeError(f"observe() expects exactly one model forward inside the block, "
@@ -111,17 +111,18 @@ class SensitivityRegularizer:
 
     def update(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> None:
         """Compute the sensitivity from a separate forward on (inputs, targets)."""
-        self._set(sens.sensitivity(self.model, inputs, targets, kind=self.kind,
+        self._set(sensitivity(self.model, inputs, targets, kind=self.kind,
                                    reduction=self.reduction, outputs=self.outputs,
                                    params=list(self.params)))
 
     def _from_output(self, logits, targets, rec):
         y = torch.softmax(logits, dim=-1) if self.outputs == "probs" and logits.dim() == 2 else logits
-        alpha = sens.alpha_matrix(y, targets, self.kind)
-        return sens.compute(self.model, y, alpha, self.params, self.kind, self.reduction, rec)
+        alpha = alpha_matrix(y, targets, self.kind)
+        return compute(self.model, y, alpha, self.params, self.kind, self.reduction, rec)
 
     def _set(self, s: dict[str, torch.Tensor]) -> None:
-        self.insensitivity = {n: (1.0 - v).clamp_(min=0.0) for n, v in s.items()}
+        # in place: S is a fresh tensor, and large allocations cost more than the arithmetic
+        self.insensitivity = {n: v.neg_().add_(1.0).clamp_(min=0.0) for n, v in s.items()}
 
     # -- the update ----------------------------------------------------------------------------
     def effective_lam(self) -> float:
