@@ -39,7 +39,7 @@ def _nonneg_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import RECIPES_DIR
+    from .config import METHODS, RECIPES_DIR
     from .data import DATASETS
     from .models import MODELS
 
@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=_nonneg_float)
     t.add_argument("--schedule", choices=["none", "cosine", "step"])
     t.add_argument("--seed", type=int)
-    t.add_argument("--method", choices=["none", "sensitivity"])
+    t.add_argument("--method", choices=METHODS, help="sensitivity (default), a baseline, "
+                   "or none (dense)")
     t.add_argument("--kind", choices=["specific", "unspecific"])
     t.add_argument("--reduction", choices=["sample", "batch"])
     t.add_argument("--outputs", choices=["logits", "probs"])
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threshold-mode", choices=["global", "layer"])
     t.add_argument("--val-budget", type=_nonneg_float,
                    help="auto threshold: allowed validation error increase, in points")
+    t.add_argument("--prune-every", type=_positive_int, help="threshold every N epochs")
+    t.add_argument("--target-sparsity", type=_nonneg_float, help="gmp: final sparsity (0-1)")
     t.add_argument("--warmup-epochs", type=int)
     t.add_argument("--finetune-epochs", type=int)
     t.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
@@ -95,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="print a run's table and draw its curves")
     r.add_argument("run_dir")
+
+    rp = sub.add_parser("reproduce", help="run the paper's comparison: the method and baselines",
+                        description="Train the sensitivity method and the baselines on the same "
+                        "network, data and epoch budget; write table.md, table.json, pareto.png.")
+    rp.add_argument("experiment", help="lenet300, lenet5, lenet5-fashion, or a recipe file")
+    rp.add_argument("--methods", help="comma-separated method labels (default: all in the recipe)")
+    rp.add_argument("--lam-sweep", help="comma-separated extra lambda values for the "
+                    "sensitivity method (one more run each)")
+    rp.add_argument("--quick", action="store_true",
+                    help="the whole pipeline on a small subset in about a minute")
+    rp.add_argument("--out", help="output directory (default: runs/reproduce-EXPERIMENT)")
+    rp.add_argument("--data-dir")
+    rp.add_argument("--seed", type=int)
     return p
 
 
@@ -107,7 +123,7 @@ def cmd_train(args) -> int:
         "model", "dataset", "data_dir", "epochs", "batch_size", "limit_train", "val_size",
         "optimizer", "lr", "momentum", "weight_decay", "schedule", "seed", "method", "kind",
         "reduction", "outputs", "lam", "lam_lr_scaled", "sens_every", "regularize", "threshold",
-        "threshold_mode", "val_budget", "warmup_epochs", "finetune_epochs", "threads", "out")}
+        "threshold_mode", "val_budget", "prune_every", "target_sparsity", "warmup_epochs", "finetune_epochs", "threads", "out")}
     if args.no_progress:
         overrides["progress"] = False
     cfg = make_config(args.recipe, **overrides)
@@ -161,6 +177,28 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _float_list(text: str | None, flag: str) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SensPruneError(f"{flag} expects comma-separated numbers, got {text!r}") from None
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import reproduce
+
+    out = args.out or f"runs/reproduce-{Path(args.experiment).stem}"
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    result = reproduce(args.experiment, out, methods=methods, quick=args.quick,
+                       lam_sweep=_float_list(args.lam_sweep, "--lam-sweep"),
+                       data_dir=args.data_dir, seed=args.seed)
+    print((Path(out) / "table.md").read_text())
+    print(f"wrote {out}/table.md, table.json, pareto.png ({result['wall_seconds']:.0f} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -172,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report}[args.command](args)
+        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report,
+                    "reproduce": cmd_reproduce}
+        return commands[args.command](args)
     except SensPruneError as exc:
         print(f"sensprune: error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from typing import Any
 from .errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+METHODS = ("none", "sensitivity", "l2", "l1", "magnitude", "gmp", "sparse_vd")
 
 
 @dataclass
@@ -34,7 +35,7 @@ class TrainConfig:
     gamma: float = 0.1
     seed: int = 0
     # the method
-    method: str = "sensitivity"  # none | sensitivity
+    method: str = "sensitivity"  # none | sensitivity | l2 | l1 | magnitude | gmp | sparse_vd
     kind: str = "specific"
     reduction: str = "sample"
     outputs: str = "logits"
@@ -47,6 +48,11 @@ class TrainConfig:
     threshold: str | float = "auto"  # auto | none | a fixed value T
     threshold_mode: str = "global"  # global | layer
     val_budget: float = 0.1  # auto threshold: allowed val error increase, in points
+    prune_every: int = 1  # threshold at every N-th epoch end of the sparsification phase
+    # baselines
+    target_sparsity: float = 0.95  # gmp: final fraction of weights removed
+    gmp_every: int = 100  # gmp: steps between pruning updates
+    vd_kl_warmup_epochs: int = 5  # sparse_vd: epochs to anneal the KL weight from 0 to 1
     # where
     out: str = "runs/latest"
     progress: bool = True
@@ -57,7 +63,7 @@ class TrainConfig:
         choices = {
             "optimizer": ("sgd", "adam", "adamw"),
             "schedule": ("none", "cosine", "step"),
-            "method": ("none", "sensitivity"),
+            "method": METHODS,
             "kind": ("specific", "unspecific"),
             "reduction": ("sample", "batch"),
             "outputs": ("logits", "probs"),
@@ -68,7 +74,7 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, key)!r}")
-        for key in ("epochs", "batch_size", "sens_every"):
+        for key in ("epochs", "batch_size", "sens_every", "prune_every", "gmp_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("lr", "lam", "weight_decay", "val_budget", "momentum"):

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .sensitivity import LayerRecorder, alpha_matrix, check_options, compute, sensitivity
+from .baselines import Method
 from .errors import ConfigError
 from .models import prunable_weights
 
@@ -47,7 +48,7 @@ def select_params(model: nn.Module, which: str | Iterable[str] = "weights") -> d
     return {n: named[n] for n in which}
 
 
-class SensitivityRegularizer:
+class SensitivityRegularizer(Method):
     """Applies w <- w - lam_eff * w * max(0, 1 - S) to the selected parameters.
 
     Args:
@@ -59,6 +60,9 @@ class SensitivityRegularizer:
         optimizer: needed only with ``lr_scaled=True``.
         lr_scaled: use lam_eff = lam * current learning rate (else lam_eff = lam, the paper's).
     """
+
+    name = "sensitivity"
+    uses_threshold = True
 
     def __init__(
         self,

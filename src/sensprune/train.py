@@ -25,7 +25,7 @@ from .data import Splits, batches, load_dataset
 from .errors import CheckpointError
 from .models import build_model
 from .pruning import Pruner, sparsity_report
-from .regularizer import SensitivityRegularizer
+from .baselines import make_method
 from .report import summary_markdown
 
 CHECKPOINT = "checkpoint.pt"
@@ -131,26 +131,23 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.info.num_classes, splits.info.input_shape)
     opt = make_optimizer(cfg, model.parameters())
-    sched = make_scheduler(cfg, opt)
-    reg = None
-    if cfg.method == "sensitivity":
-        reg = SensitivityRegularizer(
-            model, cfg.lam, kind=cfg.kind, reduction=cfg.reduction, outputs=cfg.outputs,
-            params=cfg.regularize, every=cfg.sens_every, optimizer=opt,
-            lr_scaled=cfg.lam_lr_scaled)
     pruner = Pruner(model, optimizer=opt)
+    steps_per_epoch = math.ceil(len(splits.train[1]) / cfg.batch_size)
+    method = make_method(cfg, model, opt, pruner, steps_per_epoch, len(splits.train[1]))
+    if hasattr(method, "new_params"):  # Sparse VD's log sigma^2
+        opt.add_param_group({"params": method.new_params(), "weight_decay": 0.0})
+    sched = make_scheduler(cfg, opt)
 
     state: dict[str, Any] = {"epoch": 0, "train_seconds": 0.0, "reference_val_error": None,
                              "thresholds": []}
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
+        method.load_state_dict(ckpt["method"])  # first: it may change the layers (Sparse VD)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         if sched is not None and ckpt.get("scheduler"):
             sched.load_state_dict(ckpt["scheduler"])
-        if reg is not None and ckpt.get("regularizer"):
-            reg.load_state_dict(ckpt["regularizer"])
         pruner.load_state_dict(ckpt["pruner"])
         state = ckpt["state"]
         _truncate_metrics(out / "metrics.jsonl", state["epoch"])
@@ -159,7 +156,6 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
     eval_val = lambda: evaluate(model, splits.val)[0]  # noqa: E731
-    steps_per_epoch = math.ceil(len(splits.train[1]) / cfg.batch_size)
     for epoch in range(state["epoch"], cfg.epochs):
         phase = phase_of(cfg, epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout etc.: reproducible per epoch
@@ -168,19 +164,21 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
         loss_sum = wrong = seen = 0
         it = batches(splits.train, cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch)
         bar = _progress(it, steps_per_epoch, cfg.progress, f"epoch {epoch + 1}/{cfg.epochs} {phase}")
-        regularize = reg is not None and phase == "sparsify"
+        active = phase == "sparsify"
         for x, y in bar if bar is not None else it:
             opt.zero_grad(set_to_none=True)
-            if regularize:
-                with reg.observe(y):
+            if active:
+                with method.observe(y):
                     logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                (loss + method.penalty()).backward()
+                opt.step()
+                method.step()
             else:
                 logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            opt.step()
-            if regularize:
-                reg.step()
+                loss = F.cross_entropy(logits, y)
+                loss.backward()
+                opt.step()
             pruner.apply()
             loss_sum += float(loss.detach()) * len(y)
             wrong += int((logits.argmax(1) != y).sum())
@@ -194,18 +192,22 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
             sched.step()
 
         threshold = None
-        if phase == "sparsify" and cfg.threshold != "none":
+        last_sparsify = active and phase_of(cfg, epoch + 1) != "sparsify"
+        due = (epoch + 1 - cfg.warmup_epochs) % cfg.prune_every == 0 or last_sparsify
+        if active and method.uses_threshold and cfg.threshold != "none" and due:
             if cfg.threshold == "auto":
-                if state["reference_val_error"] is None:
-                    state["reference_val_error"] = eval_val()
+                # the budget is measured from this epoch's validation error before
+                # thresholding: the threshold removes only what the network no longer needs;
+                # how far the regularization itself moves the error is lambda's business
+                state["reference_val_error"] = eval_val()
                 budget = state["reference_val_error"] + cfg.val_budget
                 threshold = pruner.auto_threshold(eval_val, budget, cfg.threshold_mode)
             else:
                 threshold = float(cfg.threshold)
             pruner.threshold(threshold, cfg.threshold_mode)
             state["thresholds"].append(threshold)
-        elif phase == "warmup" and epoch == cfg.warmup_epochs - 1:
-            state["reference_val_error"] = eval_val()
+        if last_sparsify:
+            method.end_phase()
         state["train_seconds"] += time.perf_counter() - t0
 
         val_err, _ = evaluate(model, splits.val)
@@ -230,7 +232,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
             "version": __version__, "config": cfg.to_dict(), "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
-            "regularizer": reg.state_dict() if reg is not None else None,
+            "method": method.state_dict(),
             "pruner": pruner.state_dict(), "state": state,
         }, ckpt_path)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:

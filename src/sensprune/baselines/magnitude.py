@@ -1,0 +1,68 @@
+"""Magnitude pruning baselines.
+
+* ``MagnitudeRetrain`` — Han et al. 2015 ("Learning both weights and connections"): prune by
+  magnitude with per-layer thresholds T_l = q * std(w_l), retrain, repeat. No regularizer; the
+  training loop prunes at the epoch ends of the sparsification phase (``threshold_mode =
+  "layer"``, the quality q chosen automatically under the validation budget) and the epochs
+  in between retrain the survivors.
+* ``GradualMagnitude`` — Zhu & Gupta 2017 ("To prune, or not to prune"): the sparsity rises
+  from 0 to the target s_f along s_t = s_f (1 - (1 - t/n)^3) over the sparsification phase,
+  pruning the smallest-magnitude weights every ``every`` steps (one global ranking).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Method
+
+
+class MagnitudeRetrain(Method):
+    name = "magnitude"
+    uses_threshold = True
+
+
+class GradualMagnitude(Method):
+    name = "gmp"
+
+    def __init__(self, pruner, target_sparsity: float, total_steps: int, every: int = 100):
+        if not 0.0 < target_sparsity < 1.0:
+            from ..errors import ConfigError
+            raise ConfigError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
+        self.pruner = pruner
+        self.target = float(target_sparsity)
+        self.total = max(1, int(total_steps))
+        self.every = max(1, int(every))
+        self.t = 0
+
+    def sparsity_at(self, t: int) -> float:
+        frac = min(1.0, t / self.total)
+        return self.target * (1.0 - (1.0 - frac) ** 3)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        if self.t % self.every and self.t < self.total:
+            return
+        self.prune_to(self.sparsity_at(self.t))
+
+    @torch.no_grad()
+    def prune_to(self, sparsity: float) -> None:
+        p = self.pruner
+        mags = torch.cat([w.detach().abs().flatten() for w in p.params.values()])
+        k = int(sparsity * mags.numel())
+        if k <= 0:
+            return
+        t = float(mags.kthvalue(k).values)
+        for n, w in p.params.items():
+            p.masks[n] &= w.detach().abs() > t
+        p.apply()
+
+    def end_phase(self) -> None:
+        self.prune_to(self.target)
+
+    def state_dict(self) -> dict:
+        return {"t": self.t}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = int(state["t"])

@@ -1,0 +1,177 @@
+"""Reproduce the paper's tables: the sensitivity method and every baseline in one harness.
+
+An experiment recipe (``recipes/reproduce-<name>.toml``) has a ``[common]`` table (network,
+data, epoch budget, optimizer) and one ``[methods.<label>]`` table per method. Every method
+gets the same data, network, seed and epoch budget; only its own settings differ.
+``reproduce()`` trains each, then writes ``table.md``, ``table.json`` and ``pareto.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__
+from .config import RECIPES_DIR, make_config
+from .data import load_dataset
+from .errors import ConfigError
+from .train import train, write_text_atomic
+
+EXPERIMENTS = ("lenet300", "lenet5", "lenet5-fashion")
+
+# Published points (MISSION.md; each from its own paper): (label, compression, top-1 error %).
+PUBLISHED = {
+    "lenet300": [("Han et al. 2015", 12, 1.59), ("DNS", 56, 1.99), ("Soft weight sharing", 23, 1.94),
+                 ("Sparse VD (paper)", 68, 1.92)],
+    "lenet5": [("Han et al. 2015", 12, 0.77), ("DNS", 111, 0.91), ("Soft weight sharing", 200, 0.97),
+               ("Sparse VD (paper)", 280, 0.75)],
+    "lenet5-fashion": [],
+}
+
+QUICK = {"limit_train": 2000, "val_size": 500, "epochs": 3, "warmup_epochs": 1,
+         "finetune_epochs": 1, "threads": 0}
+
+
+def load_experiment(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(common settings, {method label: settings}) of a bundled or given experiment recipe."""
+    path = Path(name)
+    if not path.exists():
+        path = RECIPES_DIR / f"reproduce-{name}.toml"
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no experiment {name!r}; choose one of {', '.join(EXPERIMENTS)} "
+                          "or give a recipe file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    return data.get("common", {}), data.get("methods", {})
+
+
+def reproduce(
+    experiment: str,
+    out: str | Path,
+    methods: list[str] | None = None,
+    quick: bool = False,
+    lam_sweep: list[float] | None = None,
+    data_dir: str | None = None,
+    seed: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train every selected method of ``experiment`` and write the comparison table."""
+    common, table = load_experiment(experiment)
+    chosen = list(table) if not methods else methods
+    unknown = [m for m in chosen if m not in table]
+    if unknown:
+        raise ConfigError(f"unknown method label(s) {unknown} for {experiment}; "
+                          f"available: {', '.join(table)}")
+    runs: list[tuple[str, dict[str, Any]]] = []
+    for label in chosen:
+        runs.append((label, dict(table[label])))
+        if lam_sweep and table[label].get("method") == "sensitivity":
+            runs += [(f"{label} lam={lam:g}", {**table[label], "lam": lam}) for lam in lam_sweep]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    splits = None
+    t_all = time.perf_counter()
+    for label, settings in runs:
+        values = {**common, **settings, "out": str(out / _slug(label)), "progress": False}
+        if data_dir:
+            values["data_dir"] = data_dir
+        if seed is not None:
+            values["seed"] = seed
+        if quick:
+            values.update(QUICK)
+            if values.get("method") == "gmp":
+                values["gmp_every"] = 5
+        cfg = make_config(**values)
+        key = (cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
+        if splits is None or splits[0] != key:
+            splits = (key, load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train))
+        log(f"== {label}: {cfg.method} ({cfg.epochs} epochs)")
+        s = train(cfg, splits=splits[1], log=log)
+        rows.append({
+            "label": label, "method": cfg.method,
+            "remaining_per_layer": s["remaining_per_layer"],
+            "compression_ratio": s["compression_ratio"], "test_error": s["test_error"],
+            "val_error": s["val_error"], "nonzero_params": s["nonzero_params"],
+            "total_params": s["total_params"], "train_seconds": s["train_seconds"],
+            "epochs": s["epochs"], "run_dir": str(Path(cfg.out).relative_to(out)),
+            "lam": cfg.lam if cfg.method in ("sensitivity", "l1", "l2") else None,
+        })
+    result = {
+        "experiment": experiment, "quick": quick, "rows": rows,
+        "published": [{"label": a, "compression_ratio": b, "test_error": c}
+                      for a, b, c in PUBLISHED.get(experiment, [])],
+        "wall_seconds": time.perf_counter() - t_all,
+        "environment": {"sensprune": __version__, "torch": torch.__version__,
+                        "python": platform.python_version(), "machine": platform.machine(),
+                        "threads": torch.get_num_threads()},
+    }
+    write_text_atomic(json.dumps(result, indent=2) + "\n", out / "table.json")
+    write_text_atomic(table_markdown(result), out / "table.md")
+    plot_pareto(result, out / "pareto.png")
+    return result
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def table_markdown(result: dict) -> str:
+    rows = result["rows"]
+    layers = list(rows[0]["remaining_per_layer"]) if rows else []
+    head = ["method"] + [f"{n} %" for n in layers] + [
+        "compression", "test err %", "val err %", "epochs", "train s"]
+    lines = [f"## {result['experiment']}" + (" (quick mode: subset, numbers not meaningful)"
+                                              if result["quick"] else ""), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"]] + [f"{r['remaining_per_layer'][n]:.2f}" for n in layers] + [
+            f"{r['compression_ratio']:.1f}x", f"{r['test_error']:.2f}", f"{r['val_error']:.2f}",
+            str(r["epochs"]), f"{r['train_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if result["published"]:
+        lines += ["", "Published reference points (their own papers, not rerun here):", ""]
+        lines += [f"- {p['label']}: {p['compression_ratio']}x at {p['test_error']}%"
+                  for p in result["published"]]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_pareto(result: dict, path: Path) -> Path | None:
+    """Test error against compression (log axis): one point per run, published markers."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    by_method: dict[str, list[dict]] = {}
+    for r in result["rows"]:
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rs in by_method.items():
+        rs = sorted(rs, key=lambda r: r["compression_ratio"])
+        ax.plot([r["compression_ratio"] for r in rs], [r["test_error"] for r in rs], "o-",
+                label=method)
+    for p in result["published"]:
+        ax.scatter([p["compression_ratio"]], [p["test_error"]], marker="*", s=90, c="k")
+        ax.annotate(p["label"], (p["compression_ratio"], p["test_error"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression |θ| / |θ≠0| (log)")
+    ax.set_ylabel("test error %")
+    ax.set_title(result["experiment"] + (" (quick)" if result["quick"] else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

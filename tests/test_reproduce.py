@@ -1,0 +1,75 @@
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sensprune.baselines.decay import L1Decay, L2Decay
+from sensprune.baselines.magnitude import GradualMagnitude
+from sensprune.baselines.sparse_vd import SparseVD
+from sensprune.models import LeNet5
+from sensprune.pruning import Pruner
+from sensprune.reproduce import reproduce
+
+
+def test_quick_reproduce_writes_consistent_files(tmp_path):
+    result = reproduce("lenet300", tmp_path, quick=True, log=lambda *_: None)
+    labels = [r["label"] for r in result["rows"]]
+    assert labels == ["sensitivity", "dense", "l2", "l1", "magnitude", "gmp", "sparse_vd"]
+    on_disk = json.loads((tmp_path / "table.json").read_text())
+    assert on_disk["rows"] == result["rows"]
+    md = (tmp_path / "table.md").read_text()
+    assert all(f"| {label} |" in md for label in labels)
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+    for r in result["rows"]:
+        # every row agrees with the zeros in its saved model
+        state = torch.load(tmp_path / r["run_dir"] / "model.pt")
+        for layer, pct in r["remaining_per_layer"].items():
+            w = state[layer]
+            assert pct == pytest.approx(100.0 * int((w != 0).sum()) / w.numel())
+        assert r["compression_ratio"] == pytest.approx(r["total_params"] / r["nonzero_params"])
+    dense = next(r for r in result["rows"] if r["label"] == "dense")
+    assert dense["compression_ratio"] == 1.0
+
+
+def test_l1_l2_steps_match_formulas():
+    m = nn.Linear(6, 4)
+    w0 = m.weight.detach().clone()
+    L2Decay(m, 0.1).step()
+    torch.testing.assert_close(m.weight.detach(), w0 * 0.9)
+    w0 = m.weight.detach().clone()
+    L1Decay(m, 0.05).step()
+    torch.testing.assert_close(m.weight.detach(), torch.sign(w0) * (w0.abs() - 0.05).clamp(min=0))
+    assert torch.equal(m.bias.detach() == 0, torch.zeros(4, dtype=torch.bool))  # bias untouched
+
+
+def test_gmp_follows_cubic_schedule_and_reaches_target():
+    m = nn.Sequential(nn.Linear(100, 50), nn.Linear(50, 10))
+    p = Pruner(m)
+    g = GradualMagnitude(p, 0.9, total_steps=100, every=10)
+    assert g.sparsity_at(0) == 0.0 and g.sparsity_at(100) == pytest.approx(0.9)
+    assert g.sparsity_at(50) == pytest.approx(0.9 * (1 - 0.5 ** 3))
+    for t in range(1, 101):
+        g.step()
+        if t == 50:
+            assert 1 - p.nonzero() / 5500 == pytest.approx(g.sparsity_at(50), abs=1e-3)
+    assert 1 - p.nonzero() / 5500 == pytest.approx(0.9, abs=1e-3)
+
+
+def test_sparse_vd_round_trip_to_plain_layers():
+    m = LeNet5()
+    names = [n for n, _ in m.named_parameters()]
+    vd = SparseVD(m, n_train=1000)
+    assert len(vd.new_params()) == 4
+    x = torch.randn(3, 1, 28, 28)
+    m.train()
+    loss = m(x).sum() + vd.penalty()
+    loss.backward()
+    assert all(p.grad is not None for p in vd.new_params())
+    with torch.no_grad():  # make some weights have large log alpha: they must be pruned
+        m.fc1.log_sigma2[:10] = 5.0
+        m.fc1.weight[:10] = 1e-3
+    vd.end_phase()
+    assert [n for n, _ in m.named_parameters()] == names
+    assert type(m.fc1) is nn.Linear and type(m.conv1) is nn.Conv2d
+    assert torch.count_nonzero(m.fc1.weight[:10]) == 0
