@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto threshold: allowed validation error increase, in points")
     t.add_argument("--prune-every", type=_positive_int, help="threshold every N epochs")
     t.add_argument("--target-sparsity", type=_nonneg_float, help="gmp: final sparsity (0-1)")
+    t.add_argument("--finetune-lr", type=_nonneg_float, help="constant lr of the fine-tuning "
+                   "phase (default: keep the schedule)")
     t.add_argument("--warmup-epochs", type=int)
     t.add_argument("--finetune-epochs", type=int)
     t.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
@@ -98,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="print a run's table and draw its curves")
     r.add_argument("run_dir")
+
+    ex = sub.add_parser("export", help="write a compact sparse file (and optionally ONNX)")
+    ex.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
+    ex.add_argument("-o", "--output", required=True, help="output file (.safetensors)")
+    ex.add_argument("--values", choices=["fp32", "fp16", "int8"], default="fp32")
+    ex.add_argument("--onnx", metavar="FILE", help="also export ONNX and check it against torch")
+    ex.add_argument("--data-dir")
+    ex.add_argument("--json", metavar="FILE", help="write the size/accuracy report as JSON")
+
+    bi = sub.add_parser("bench-infer", help="latency of dense vs sparse inference of an export")
+    bi.add_argument("file")
+    bi.add_argument("--reps", type=_positive_int, default=200)
+    bi.add_argument("--threads", type=_positive_int, default=1)
+    bi.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
 
     rp = sub.add_parser("reproduce", help="run the paper's comparison: the method and baselines",
                         description="Train the sensitivity method and the baselines on the same "
@@ -123,7 +139,7 @@ def cmd_train(args) -> int:
         "model", "dataset", "data_dir", "epochs", "batch_size", "limit_train", "val_size",
         "optimizer", "lr", "momentum", "weight_decay", "schedule", "seed", "method", "kind",
         "reduction", "outputs", "lam", "lam_lr_scaled", "sens_every", "regularize", "threshold",
-        "threshold_mode", "val_budget", "prune_every", "target_sparsity", "warmup_epochs", "finetune_epochs", "threads", "out")}
+        "threshold_mode", "val_budget", "prune_every", "target_sparsity", "finetune_lr", "warmup_epochs", "finetune_epochs", "threads", "out")}
     if args.no_progress:
         overrides["progress"] = False
     cfg = make_config(args.recipe, **overrides)
@@ -186,6 +202,38 @@ def _float_list(text: str | None, flag: str) -> list[float] | None:
         raise SensPruneError(f"{flag} expects comma-separated numbers, got {text!r}") from None
 
 
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.output, values=args.values,
+                               data_dir=args.data_dir, onnx_path=args.onnx)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_bench_infer(args) -> int:
+    import torch
+
+    from .export import bench_inference
+
+    torch.set_num_threads(args.threads)
+    r = bench_inference(args.file, reps=args.reps)
+    print(f"{args.file}: median of {r['reps']} runs, {r['threads']} thread(s), torch {r['torch']}")
+    print("| layer | batch | density | dense us | sparse us | dense/sparse |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in r["layers"]:
+        print(f"| {row['layer']} | {row['batch']} | {row['density']:.4f} | {row['dense_us']:.1f} | "
+              f"{row['sparse_us']:.1f} | {row['speedup']:.2f} |")
+    print("| **whole model** | batch | | dense us | sparse us | auto us |")
+    for b in sorted({int(k.split('@')[1]) for k in r["model_us"]}):
+        m = r["model_us"]
+        print(f"| | {b} | | {m[f'dense@{b}']:.1f} | {m[f'sparse@{b}']:.1f} | {m[f'auto@{b}']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from .reproduce import reproduce
 
@@ -211,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report,
-                    "reproduce": cmd_reproduce}
+                    "reproduce": cmd_reproduce, "export": cmd_export,
+                    "bench-infer": cmd_bench_infer}
         return commands[args.command](args)
     except SensPruneError as exc:
         print(f"sensprune: error: {exc}", file=sys.stderr)

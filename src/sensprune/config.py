@@ -45,6 +45,7 @@ class TrainConfig:
     regularize: str = "weights"  # weights | weights+biases | all
     warmup_epochs: int = 0  # plain training before the sparsification phase
     finetune_epochs: int = 0  # masks fixed, no regularization, at the end
+    finetune_lr: float = 0.0  # learning rate of the fine-tuning phase (0: keep the schedule's)
     threshold: str | float = "auto"  # auto | none | a fixed value T
     threshold_mode: str = "global"  # global | layer
     val_budget: float = 0.1  # auto threshold: allowed val error increase, in points

@@ -158,6 +158,10 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
     eval_val = lambda: evaluate(model, splits.val)[0]  # noqa: E731
     for epoch in range(state["epoch"], cfg.epochs):
         phase = phase_of(cfg, epoch)
+        if phase == "finetune" and cfg.finetune_lr > 0:
+            sched = None  # the fine-tuning phase runs at its own constant rate
+            for group in opt.param_groups:
+                group["lr"] = cfg.finetune_lr
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout etc.: reproducible per epoch
         model.train()
         t0 = time.perf_counter()

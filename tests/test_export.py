@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+import torch
+
+from sensprune.errors import CheckpointError
+from sensprune.export import (SparseLinear, candidate_encodings, export, index_dtype, load, read,
+                              to_sparse_inference)
+from sensprune.models import MODELS, build_model
+from sensprune.pruning import Pruner
+
+SHAPES = {"vgg16": (3, 224, 224), "vgg16_cifar": (3, 32, 32), "resnet32": (3, 32, 32)}
+
+
+def pruned(name, frac=0.9):
+    torch.manual_seed(0)
+    shape = SHAPES.get(name, (1, 28, 28))
+    m = build_model(name, 10, shape)
+    p = Pruner(m)
+    scores = torch.cat([w.detach().abs().flatten() for w in p.params.values()])
+    k = int(frac * scores.numel())
+    t = float(scores.kthvalue(k).values) if scores.numel() < 2 ** 24 else \
+        float(scores[torch.randperm(scores.numel())[:1_000_000]].quantile(frac))
+    p.threshold(t)
+    return m.eval(), shape
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("values", ["fp32", "fp16"])
+def test_round_trip_every_registry_model(name, values, tmp_path):
+    if name == "vgg16" and values == "fp16":
+        pytest.skip("one VGG-16 round trip is enough (138 M parameters)")
+    m, shape = pruned(name)
+    arch = {"model": name, "num_classes": 10, "input_shape": list(shape)}
+    f = tmp_path / "m.safetensors"
+    rep = export(m.state_dict(), f, arch, values=values)
+    header, state = read(f)
+    for k, v in m.state_dict().items():
+        if not v.is_floating_point():
+            continue
+        want = v if values == "fp32" else v.half().float()
+        assert torch.equal(state[k], want), k  # bit-exact (fp16: exactly the fp16 rounding)
+    # payload never exceeds min(CSR, bitmask) per tensor; the rest is the container's header
+    assert rep["payload_bytes"] <= rep["min_csr_bitmask_bytes"]
+    assert rep["file_bytes"] - rep["payload_bytes"] <= 4096 + 600 * len(state)
+    if name != "vgg16":
+        loaded = load(f, kernels="density")
+        x = torch.randn(3, *shape)
+        with torch.no_grad():
+            diff = (loaded(x) - m(x)).abs().max().item()
+        assert diff <= (1e-5 if values == "fp32" else 0.1)
+
+
+def test_int8_values_within_half_a_step(tmp_path):
+    m, shape = pruned("lenet300", 0.95)
+    f = tmp_path / "q.safetensors"
+    export(m.state_dict(), f, {"model": "lenet300", "num_classes": 10,
+                               "input_shape": [1, 28, 28]}, values="int8")
+    header, state = read(f)
+    for k, v in m.state_dict().items():
+        if v.dim() > 1:
+            step = float(v.abs().max()) / 127
+            assert (state[k] - v).abs().max() <= step / 2 + 1e-7
+            assert torch.equal(state[k] == 0, (v == 0) | (v.abs() < step / 2))
+        else:
+            assert torch.equal(state[k], v)  # biases stay fp32
+
+
+def test_index_dtype_boundaries():
+    assert index_dtype(0) == np.uint8 and index_dtype(255) == np.uint8
+    assert index_dtype(256) == np.uint16 and index_dtype(65535) == np.uint16
+    assert index_dtype(65536) == np.uint32 and index_dtype(2 ** 32 - 1) == np.uint32
+    assert index_dtype(2 ** 32) == np.uint64
+    for cols, want in ((256, np.uint8), (257, np.uint16), (65536, np.uint16), (65537, np.uint32)):
+        w = torch.zeros(2, cols)
+        w[0, -1] = 1.0
+        arrays, _ = candidate_encodings(w, "fp32")["csr"]
+        assert arrays["indices"].dtype == want, cols
+        assert arrays["indptr"].dtype == np.uint8
+
+
+def test_delta_encoding_with_long_gaps(tmp_path):
+    w = torch.zeros(3, 2000)
+    w[0, [0, 1, 700, 1999]] = torch.tensor([1.0, -2.0, 3.0, 4.0])
+    w[2, 1000] = 5.0
+    arrays, _ = candidate_encodings(w, "fp32")["csr-delta8"]
+    assert arrays["gaps"].dtype == np.uint8
+    f = tmp_path / "d.safetensors"
+    rep = export({"fc.weight": w}, f, {"model": "x", "num_classes": 1, "input_shape": [1]})
+    assert rep["layers"]["fc.weight"]["encoding"] in ("csr-delta8", "csr")
+    assert torch.equal(read(f)[1]["fc.weight"], w)
+
+
+def _exported(tmp_path):
+    m, _ = pruned("lenet300")
+    f = tmp_path / "m.safetensors"
+    export(m.state_dict(), f, {"model": "lenet300", "num_classes": 10, "input_shape": [1, 28, 28]})
+    return f
+
+
+def test_corrupted_file_fails_checksum(tmp_path):
+    f = _exported(tmp_path)
+    blob = bytearray(f.read_bytes())
+    blob[-10] ^= 0xFF  # a value byte
+    f.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        read(f)
+
+
+def test_truncated_file_rejected(tmp_path):
+    f = _exported(tmp_path)
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read(f)
+    f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError):
+        read(f)
+
+
+def test_sparse_linear_kernels_agree():
+    w = torch.randn(50, 80) * (torch.rand(50, 80) < 0.05)
+    b = torch.randn(50)
+    sl = SparseLinear(w, b)
+    for batch in (1, 7, 64):
+        x = torch.randn(batch, 80)
+        ref = x @ w.t() + b
+        torch.testing.assert_close(sl.sparse_forward(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sl.dense_forward(x), ref, atol=1e-5, rtol=1e-5)
+    m = to_sparse_inference(torch.nn.Sequential(torch.nn.Linear(80, 50)), kernels="auto")
+    assert isinstance(m[0], SparseLinear) and len(m[0].use_sparse) == 2
