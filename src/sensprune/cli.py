@@ -146,9 +146,15 @@ def cmd_train(args) -> int:
     if args.resume and not (Path(cfg.out) / "checkpoint.pt").exists():
         raise SensPruneError(f"--resume: no checkpoint in {cfg.out}; run without --resume "
                              "first or pass the right --out")
-    summary = train(cfg, resume=args.resume)
-    print(summary_markdown(summary))
-    print(f"wrote {cfg.out}/summary.json, summary.md, model.pt, checkpoint.pt, metrics.jsonl")
+    from .distributed import cleanup
+
+    try:
+        summary = train(cfg, resume=args.resume)
+    finally:
+        cleanup()
+    if "test_error" in summary:  # rank 0 (or the only process) reports
+        print(summary_markdown(summary))
+        print(f"wrote {cfg.out}/summary.json, summary.md, model.pt, checkpoint.pt, metrics.jsonl")
     return 0
 
 

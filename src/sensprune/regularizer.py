@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .sensitivity import LayerRecorder, alpha_matrix, check_options, compute, sensitivity
 from .baselines import Method
+from .distributed import active as dist_active
 from .errors import ConfigError
 from .models import prunable_weights
 
@@ -59,6 +60,8 @@ class SensitivityRegularizer(Method):
         every: recompute the sensitivity every N steps (the last value is reused between).
         optimizer: needed only with ``lr_scaled=True``.
         lr_scaled: use lam_eff = lam * current learning rate (else lam_eff = lam, the paper's).
+        distributed: reduce the sensitivity over DDP ranks so it is that of the global batch
+            (default: whenever torch.distributed is initialized with more than one rank).
     """
 
     name = "sensitivity"
@@ -76,6 +79,7 @@ class SensitivityRegularizer(Method):
         every: int = 1,
         optimizer: torch.optim.Optimizer | None = None,
         lr_scaled: bool = False,
+        distributed: bool | None = None,
     ):
         check_options(kind, reduction, outputs)
         if lam < 0:
@@ -91,6 +95,7 @@ class SensitivityRegularizer(Method):
         self.every = every
         self.optimizer = optimizer
         self.lr_scaled = lr_scaled
+        self.distributed = distributed
         self.insensitivity: dict[str, torch.Tensor] = {}
         self.steps = 0
 
@@ -122,7 +127,9 @@ class SensitivityRegularizer(Method):
     def _from_output(self, logits, targets, rec):
         y = torch.softmax(logits, dim=-1) if self.outputs == "probs" and logits.dim() == 2 else logits
         alpha = alpha_matrix(y, targets, self.kind)
-        return compute(self.model, y, alpha, self.params, self.kind, self.reduction, rec)
+        dist_on = dist_active() if self.distributed is None else self.distributed
+        return compute(self.model, y, alpha, self.params, self.kind, self.reduction, rec,
+                       distributed=dist_on)
 
     def _set(self, s: dict[str, torch.Tensor]) -> None:
         # in place: S is a fresh tensor, and large allocations cost more than the arithmetic

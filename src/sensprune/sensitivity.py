@@ -168,19 +168,25 @@ def _batched_grad(y, inputs, grad_outputs):
             for g, t in zip(grads, inputs)]
 
 
-def _generic(y, alpha, params: list[torch.Tensor], reduction: str) -> list[torch.Tensor]:
-    """Exact S for any parameter through per-row backward passes (rows chunked)."""
+def _generic(y, alpha, params: list[torch.Tensor], reduction: str, denom: float,
+             distributed: bool = False) -> list[torch.Tensor]:
+    """Exact S for any parameter through per-row backward passes (rows chunked).
+
+    ``denom`` is the global batch size. With ``distributed``, the batch reduction sums each
+    chunk of per-class gradients over ranks before taking |.| (the sample reduction is summed
+    over ranks by the caller)."""
     b, c = y.shape
     out = [torch.zeros_like(p) for p in params]
-    if not params or b == 0:
+    if not params:
         return out
     if reduction == "batch":
-        # Row k: d/dw (1/B) sum_n alpha_{n,k} y_{n,k}; S = sum_k |row_k|.
-        ks = [k for k in range(c) if bool(alpha[:, k].any())]
+        # Row k: d/dw (1/B) sum_n alpha_{n,k} y_{n,k}; S = sum_k |row_k|. Every rank must run
+        # the same rows, so in DDP all classes are rows, present locally or not.
+        ks = [k for k in range(c) if distributed or bool(alpha[:, k].any())]
         rows = []
         for k in ks:
             g = torch.zeros_like(y)
-            g[:, k] = alpha[:, k] / b
+            g[:, k] = alpha[:, k] / denom
             rows.append(g)
         weights = [1.0] * len(rows)
     else:
@@ -191,13 +197,16 @@ def _generic(y, alpha, params: list[torch.Tensor], reduction: str) -> list[torch
             g = torch.zeros_like(y)
             g[n, k] = 1.0
             rows.append(g)
-            weights.append(float(alpha[n, k]) / b)
+            weights.append(float(alpha[n, k]) / denom)
     numel = sum(p.numel() for p in params)
-    chunk = max(1, min(len(rows), _GENERIC_BUDGET // max(numel, 1)))
+    chunk = max(1, min(max(len(rows), 1), _GENERIC_BUDGET // max(numel, 1)))
     for start in range(0, len(rows), chunk):
         go = torch.stack(rows[start:start + chunk])
         w = torch.tensor(weights[start:start + chunk], dtype=y.dtype, device=y.device)
         grads = _batched_grad(y, params, go)
+        if distributed and reduction == "batch":
+            from .distributed import all_reduce_sum_
+            all_reduce_sum_(grads)
         for acc, g in zip(out, grads):
             acc += torch.tensordot(w, g.abs(), dims=1)
     return out
@@ -248,10 +257,20 @@ def compute(
     kind: str,
     reduction: str,
     recorder: LayerRecorder | None = None,
+    distributed: bool = False,
 ) -> dict[str, torch.Tensor]:
     """S for ``named_params`` given the outputs y (B, C) of a forward that is still in the
-    autograd graph, and the alpha weights. ``recorder`` enables the fast path."""
+    autograd graph, and the alpha weights. ``recorder`` enables the fast path.
+
+    With ``distributed`` (DDP), y holds this rank's slice of the global batch and the result
+    is S of the global batch, identical on every rank."""
     b, c = y.shape
+    denom = float(b)
+    if distributed:
+        from .distributed import all_reduce_sum_
+        total = torch.tensor([denom], dtype=torch.float64)
+        all_reduce_sum_([total])
+        denom = float(total)
     result: dict[str, torch.Tensor] = {}
     id_to_name = {id(p): n for n, p in named_params.items()}
     fast_ok = (recorder is not None and reduction == "sample" and not samples_coupled(model))
@@ -260,12 +279,12 @@ def compute(
                   if any(id(p) in id_to_name for p in m.parameters(recurse=False))}
         if layers:
             if kind == "specific":
-                # specific: one backward; alpha itself selects y_{n, t_n}.
-                go, weight = alpha.unsqueeze(0), 1.0 / b
+                # one backward: alpha itself selects y_{n, t_n}
+                go, weight = alpha.unsqueeze(0), 1.0 / denom
             else:
-                # unspecific: alpha is constant 1/C -> C output rows, each weight 1/(B C).
+                # unspecific: alpha is constant 1/C -> C output rows, each weight 1/(B C)
                 go = torch.eye(c, dtype=y.dtype, device=y.device).unsqueeze(1).expand(c, b, c)
-                weight = float(alpha[0, 0]) / b
+                weight = float(alpha[0, 0]) / denom
             mods = list(layers)
             deltas = _batched_grad(y, [layers[m][1] for m in mods], go.contiguous())
             for m, delta in zip(mods, deltas):
@@ -276,9 +295,13 @@ def compute(
                         result[id_to_name[id(p)]] = s
     rest = [n for n in named_params if n not in result]
     if rest:
-        for n, s in zip(rest, _generic(y, alpha, [named_params[n] for n in rest], reduction)):
+        params = [named_params[n] for n in rest]
+        for n, s in zip(rest, _generic(y, alpha, params, reduction, denom, distributed)):
             result[n] = s
-    return {n: result[n].detach() for n in named_params}
+    out = {n: result[n].detach() for n in named_params}
+    if distributed and reduction == "sample":
+        all_reduce_sum_(list(out.values()))  # each rank holds its share of the global mean
+    return out
 
 
 def _select(model: nn.Module, params: Iterable[str] | None) -> dict[str, torch.Tensor]:

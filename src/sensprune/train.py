@@ -8,6 +8,7 @@ interrupted run resumes exactly where it stopped (``resume=True``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
+from . import distributed as ddp
 from .config import TrainConfig
 from .data import Splits, batches, load_dataset
 from .errors import CheckpointError
@@ -124,6 +126,9 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    info = ddp.setup()
+    if not info.is_main:
+        log = lambda *_: None  # noqa: E731 -- only rank 0 reports
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     splits = splits or load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
@@ -136,6 +141,8 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
     method = make_method(cfg, model, opt, pruner, steps_per_epoch, len(splits.train[1]))
     if hasattr(method, "new_params"):  # Sparse VD's log sigma^2
         opt.add_param_group({"params": method.new_params(), "weight_decay": 0.0})
+    # forward through DDP (gradient all-reduce); everything else works on the plain module
+    net = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
     sched = make_scheduler(cfg, opt)
 
     state: dict[str, Any] = {"epoch": 0, "train_seconds": 0.0, "reference_val_error": None,
@@ -167,27 +174,29 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
         t0 = time.perf_counter()
         loss_sum = wrong = seen = 0
         it = batches(splits.train, cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch)
-        bar = _progress(it, steps_per_epoch, cfg.progress, f"epoch {epoch + 1}/{cfg.epochs} {phase}")
+        bar = _progress(it, steps_per_epoch, cfg.progress and info.is_main, f"epoch {epoch + 1}/{cfg.epochs} {phase}")
         active = phase == "sparsify"
         for x, y in bar if bar is not None else it:
+            n_global = len(y)
+            if info.enabled:  # this rank's slice of the global batch
+                part = ddp.shard(n_global, info)
+                x, y = x[part], y[part]
             opt.zero_grad(set_to_none=True)
+            with method.observe(y) if active else contextlib.nullcontext():
+                logits = net(x)
+            # sum / global batch size, times world size because DDP averages over ranks:
+            # the gradient is exactly that of the mean loss over the global batch
+            loss_sum_batch = F.cross_entropy(logits, y, reduction="sum")
+            loss = loss_sum_batch * (info.world_size / n_global)
+            (loss + method.penalty() if active else loss).backward()
+            opt.step()
             if active:
-                with method.observe(y):
-                    logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                (loss + method.penalty()).backward()
-                opt.step()
                 method.step()
-            else:
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                loss.backward()
-                opt.step()
             pruner.apply()
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += float(loss_sum_batch.detach())
             wrong += int((logits.argmax(1) != y).sum())
             seen += len(y)
-            if bar is not None and (seen // len(y)) % 20 == 0:
+            if bar is not None and (seen // max(len(y), 1)) % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{100 * wrong / seen:.2f}%",
                                 remain=f"{100 * pruner.nonzero() / max(1, _numel(pruner)):.1f}%")
         if bar is not None:
@@ -200,49 +209,55 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
         due = (epoch + 1 - cfg.warmup_epochs) % cfg.prune_every == 0 or last_sparsify
         if active and method.uses_threshold and cfg.threshold != "none" and due:
             if cfg.threshold == "auto":
-                # the budget is measured from this epoch's validation error before
-                # thresholding: the threshold removes only what the network no longer needs;
-                # how far the regularization itself moves the error is lambda's business
-                state["reference_val_error"] = eval_val()
-                budget = state["reference_val_error"] + cfg.val_budget
-                threshold = pruner.auto_threshold(eval_val, budget, cfg.threshold_mode)
+                # rank 0 decides, every rank applies the same threshold. The budget is
+                # measured from this epoch's validation error before thresholding: the
+                # threshold removes only what the network no longer needs; how far the
+                # regularization itself moves the error is lambda's business.
+                threshold = 0.0
+                if info.is_main:
+                    state["reference_val_error"] = eval_val()
+                    budget = state["reference_val_error"] + cfg.val_budget
+                    threshold = pruner.auto_threshold(eval_val, budget, cfg.threshold_mode)
+                threshold = ddp.broadcast_float(threshold)
             else:
                 threshold = float(cfg.threshold)
             pruner.threshold(threshold, cfg.threshold_mode)
+            ddp.broadcast_masks(pruner.masks)
+            pruner.apply()
             state["thresholds"].append(threshold)
         if last_sparsify:
             method.end_phase()
         state["train_seconds"] += time.perf_counter() - t0
 
-        val_err, _ = evaluate(model, splits.val)
-        test_err, _ = evaluate(model, splits.test)
-        sp = sparsity_report(model)
-        record = {
-            "epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(seen, 1),
-            "train_error": 100.0 * wrong / max(seen, 1), "val_error": val_err,
-            "test_error": test_err, "remaining_percent": sp["remaining_percent"],
-            "compression_ratio": sp["compression_ratio"], "threshold": threshold,
-            "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-        }
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        log(f"epoch {epoch + 1:3d}/{cfg.epochs} {phase:8s} loss {record['train_loss']:.4f} "
-            f"val {val_err:5.2f}% test {test_err:5.2f}% remaining {sp['remaining_percent']:6.2f}% "
-            f"({sp['compression_ratio']:.1f}x)"
-            + (f" T={threshold:.3g}" if threshold is not None else ""))
-
         state["epoch"] = epoch + 1
-        save_atomic({
-            "version": __version__, "config": cfg.to_dict(), "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "method": method.state_dict(),
-            "pruner": pruner.state_dict(), "state": state,
-        }, ckpt_path)
+        if info.is_main:
+            val_err, _ = evaluate(model, splits.val)
+            test_err, _ = evaluate(model, splits.test)
+            sp = sparsity_report(model)
+            record = {
+                "epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(seen, 1),
+                "train_error": 100.0 * wrong / max(seen, 1), "val_error": val_err,
+                "test_error": test_err, "remaining_percent": sp["remaining_percent"],
+                "compression_ratio": sp["compression_ratio"], "threshold": threshold,
+                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+            }
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log(f"epoch {epoch + 1:3d}/{cfg.epochs} {phase:8s} loss {record['train_loss']:.4f} "
+                f"val {val_err:5.2f}% test {test_err:5.2f}% remaining "
+                f"{sp['remaining_percent']:6.2f}% ({sp['compression_ratio']:.1f}x)"
+                + (f" T={threshold:.3g}" if threshold is not None else ""))
+            save_atomic({
+                "version": __version__, "config": cfg.to_dict(), "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "method": method.state_dict(), "pruner": pruner.state_dict(), "state": state,
+            }, ckpt_path)
+        ddp.barrier()  # the checkpoint exists for every rank before anyone goes on
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             return {"stopped_at_epoch": epoch + 1}
 
-    return finish(cfg, model, splits, state, out)
+    return finish(cfg, model, splits, state, out) if info.is_main else {"rank": info.rank}
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:

@@ -1,0 +1,49 @@
+"""DDP through torchrun on CPU (gloo): 2 processes must give the weights of 1 process on the
+same global batches, for the sensitivity method with SGD+momentum and a thresholding step."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ARGS = ["--model", "lenet300", "--limit-train", "651", "--val-size", "500", "--batch-size", "100",
+        "--epochs", "2", "--warmup-epochs", "0", "--method", "sensitivity", "--lam", "1e-3",
+        "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--threshold", "0.02",
+        "--no-progress", "--threads", "1", "--seed", "5"]
+
+
+def train(out, nproc, *extra):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "sensprune", "train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "sensprune", "train"]
+    r = subprocess.run(cmd + ARGS + list(extra) + ["--out", str(out)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.parametrize("reduction", ["sample", "batch"])
+def test_two_gloo_processes_equal_one(tmp_path, reduction):
+    train(tmp_path / "one", 1, "--reduction", reduction)
+    r = train(tmp_path / "two", 2, "--reduction", reduction)
+    assert r.stdout.count("epoch   2/2") == 1  # only rank 0 reports
+    a = torch.load(tmp_path / "one" / "model.pt")
+    b = torch.load(tmp_path / "two" / "model.pt")
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5, k
+        if k.endswith("weight"):
+            assert torch.equal(a[k] == 0, b[k] == 0), k  # identical pruning decisions
+    assert any((a[k] == 0).any() for k in a)  # the threshold pruned something
+
+
+def test_resume_under_ddp(tmp_path):
+    train(tmp_path / "one", 1)
+    r = train(tmp_path / "two", 2)  # full run, then resume (a no-op past the end) under DDP
+    r = train(tmp_path / "two", 2, "--resume")
+    assert "resumed" in r.stdout
+    a = torch.load(tmp_path / "one" / "model.pt")
+    b = torch.load(tmp_path / "two" / "model.pt")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
