@@ -136,3 +136,37 @@ def test_errors():
         sensitivity(m, x, kind="nope")
     with pytest.raises(ConfigError, match="reduction must be"):
         sensitivity(m, x, kind="unspecific", reduction="mean")
+
+
+def test_many_outputs_chunked_exact():
+    """C = 150 > the fast path's row chunk: still exact."""
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 150))
+    x = torch.randn(3, 6)
+    s = sensitivity(m, x, kind="unspecific")
+    ref = brute_force_sensitivity(m, x, None, "unspecific", "sample")
+    for n in ref:
+        torch.testing.assert_close(s[n].double(), ref[n], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("reduction", ["sample", "batch"])
+def test_sampled_outputs_unbiased(reduction):
+    m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 40))
+    x = torch.randn(4, 5)
+    exact = sensitivity(m, x, kind="unspecific", reduction=reduction)
+    g = torch.Generator().manual_seed(0)
+    draws, k, c = 1000, 5, 40
+    mean = {n: torch.zeros_like(v) for n, v in exact.items()}
+    for _ in range(draws):
+        est = sensitivity(m, x, kind="unspecific", reduction=reduction, output_samples=k,
+                          generator=g)
+        for n in mean:
+            mean[n] += est[n] / draws
+    # worst case (last layer: each row depends on one output, drawn with p = K/C): the
+    # relative standard deviation of the mean is sqrt((1 - p) / (p draws)); allow 4 of them
+    p = k / c
+    tol = 4 * ((1 - p) / (p * draws)) ** 0.5
+    for n in exact:
+        rel = (mean[n] - exact[n]).norm() / exact[n].norm()
+        assert rel < tol, (n, float(rel), tol)
+    single = sensitivity(m, x, kind="unspecific", output_samples=5, generator=g)
+    assert any(not torch.allclose(single[n], exact[n]) for n in exact)

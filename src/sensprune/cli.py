@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lam-lr-scaled", action="store_true", default=None,
                    help="multiply lambda by the current learning rate")
     t.add_argument("--sens-every", type=_positive_int, help="recompute S every N steps")
+    t.add_argument("--output-samples", type=int, help="unspecific kind with many classes: "
+                   "estimate S from K outputs drawn per step (0: all, exact)")
     t.add_argument("--regularize", choices=["weights", "weights+biases", "all"])
     t.add_argument("--threshold", help="'auto' (largest T within the validation budget), "
                    "'none', or a value T")
@@ -138,7 +140,7 @@ def cmd_train(args) -> int:
     overrides = {k: getattr(args, k) for k in (
         "model", "dataset", "data_dir", "epochs", "batch_size", "limit_train", "val_size",
         "optimizer", "lr", "momentum", "weight_decay", "schedule", "seed", "method", "kind",
-        "reduction", "outputs", "lam", "lam_lr_scaled", "sens_every", "regularize", "threshold",
+        "reduction", "outputs", "lam", "lam_lr_scaled", "sens_every", "output_samples", "regularize", "threshold",
         "threshold_mode", "val_budget", "prune_every", "target_sparsity", "finetune_lr", "warmup_epochs", "finetune_epochs", "threads", "out")}
     if args.no_progress:
         overrides["progress"] = False

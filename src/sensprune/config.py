@@ -42,6 +42,7 @@ class TrainConfig:
     lam: float = 1e-4
     lam_lr_scaled: bool = False
     sens_every: int = 1
+    output_samples: int = 0  # unspecific with many classes: outputs drawn per step (0: all)
     regularize: str = "weights"  # weights | weights+biases | all
     warmup_epochs: int = 0  # plain training before the sparsification phase
     finetune_epochs: int = 0  # masks fixed, no regularization, at the end

@@ -62,6 +62,8 @@ class SensitivityRegularizer(Method):
         lr_scaled: use lam_eff = lam * current learning rate (else lam_eff = lam, the paper's).
         distributed: reduce the sensitivity over DDP ranks so it is that of the global batch
             (default: whenever torch.distributed is initialized with more than one rank).
+        output_samples: unspecific kind with many classes: estimate S from K outputs drawn
+            per step (unbiased; the draw is seeded by ``seed``, identical on every rank).
     """
 
     name = "sensitivity"
@@ -80,6 +82,8 @@ class SensitivityRegularizer(Method):
         optimizer: torch.optim.Optimizer | None = None,
         lr_scaled: bool = False,
         distributed: bool | None = None,
+        output_samples: int | None = None,
+        seed: int = 0,
     ):
         check_options(kind, reduction, outputs)
         if lam < 0:
@@ -96,6 +100,8 @@ class SensitivityRegularizer(Method):
         self.optimizer = optimizer
         self.lr_scaled = lr_scaled
         self.distributed = distributed
+        self.output_samples = output_samples
+        self.generator = torch.Generator().manual_seed(seed)
         self.insensitivity: dict[str, torch.Tensor] = {}
         self.steps = 0
 
@@ -121,12 +127,13 @@ class SensitivityRegularizer(Method):
     def update(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> None:
         """Compute the sensitivity from a separate forward on (inputs, targets)."""
         self._set(sensitivity(self.model, inputs, targets, kind=self.kind,
-                                   reduction=self.reduction, outputs=self.outputs,
-                                   params=list(self.params)))
+                              reduction=self.reduction, outputs=self.outputs,
+                              params=list(self.params), output_samples=self.output_samples,
+                              generator=self.generator))
 
     def _from_output(self, logits, targets, rec):
         y = torch.softmax(logits, dim=-1) if self.outputs == "probs" and logits.dim() == 2 else logits
-        alpha = alpha_matrix(y, targets, self.kind)
+        alpha = alpha_matrix(y, targets, self.kind, self.output_samples, self.generator)
         dist_on = dist_active() if self.distributed is None else self.distributed
         return compute(self.model, y, alpha, self.params, self.kind, self.reduction, rec,
                        distributed=dist_on)

@@ -41,6 +41,8 @@ _CONV_CHUNK_FLOATS = 1 << 20
 # Up to this many backward rows, a loop of plain backward passes beats the vmapped one (measured
 # on LeNet-300 and LeNet-5: max-pool and conv backward have no fast batching rule).
 _LOOP_ROWS = 32
+# Output rows handled per backward in the fast path (bounds memory for many classes).
+_ROW_CHUNK = 64
 
 
 def check_options(kind: str, reduction: str, outputs: str) -> None:
@@ -119,8 +121,14 @@ def samples_coupled(model: nn.Module) -> bool:
     return False
 
 
-def alpha_matrix(y: torch.Tensor, targets: torch.Tensor | None, kind: str) -> torch.Tensor:
-    """The (B, C) weights alpha_{n,k}: one-hot targets (specific) or 1/C (unspecific)."""
+def alpha_matrix(y: torch.Tensor, targets: torch.Tensor | None, kind: str,
+                 output_samples: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """The (B, C) weights alpha_{n,k}: one-hot targets (specific) or 1/C (unspecific).
+
+    ``output_samples=K`` (unspecific only) draws K of the C outputs uniformly without
+    replacement, each with weight 1/K: an unbiased estimate of the unspecific S at K/C of
+    the cost, for networks with many classes."""
     if y.dim() != 2:
         raise ConfigError(
             f"model outputs must have shape (batch, classes), got {tuple(y.shape)}; "
@@ -128,7 +136,14 @@ def alpha_matrix(y: torch.Tensor, targets: torch.Tensor | None, kind: str) -> to
         )
     b, c = y.shape
     if kind == "unspecific":
-        return torch.full_like(y, 1.0 / c).detach()
+        if output_samples is None or output_samples >= c:
+            return torch.full_like(y, 1.0 / c).detach()
+        if output_samples < 1:
+            raise ConfigError(f"output_samples must be >= 1, got {output_samples}")
+        pick = torch.randperm(c, generator=generator)[:output_samples].to(y.device)
+        alpha = torch.zeros_like(y).detach()
+        alpha[:, pick] = 1.0 / output_samples
+        return alpha
     if targets is None:
         raise ConfigError("kind='specific' needs targets (the correct class of each sample); "
                           "pass targets or use kind='unspecific'")
@@ -280,19 +295,29 @@ def compute(
         if layers:
             if kind == "specific":
                 # one backward: alpha itself selects y_{n, t_n}
-                go, weight = alpha.unsqueeze(0), 1.0 / denom
+                out_rows, weight = [None], 1.0 / denom
             else:
-                # unspecific: alpha is constant 1/C -> C output rows, each weight 1/(B C)
-                go = torch.eye(c, dtype=y.dtype, device=y.device).unsqueeze(1).expand(c, b, c)
-                weight = float(alpha[0, 0]) / denom
+                # unspecific: one backward per output k (alpha_{n,k} is the same for all n),
+                # in chunks so that C = 1000 outputs never materialize at once
+                ks = torch.nonzero(alpha[0] != 0).flatten().tolist()
+                out_rows, weight = ks, float(alpha[0, ks[0]]) / denom
             mods = list(layers)
-            deltas = _batched_grad(y, [layers[m][1] for m in mods], go.contiguous())
-            for m, delta in zip(mods, deltas):
-                s_w, s_b = _fast_layer(m, layers[m][0], delta, weight)
-                for p_name, s in (("weight", s_w), ("bias", s_b)):
-                    p = getattr(m, p_name, None)
-                    if p is not None and id(p) in id_to_name:
-                        result[id_to_name[id(p)]] = s
+            zs = [layers[m][1] for m in mods]
+            for start in range(0, len(out_rows), _ROW_CHUNK):
+                chunk = out_rows[start:start + _ROW_CHUNK]
+                if chunk == [None]:
+                    go = alpha.unsqueeze(0)
+                else:
+                    go = torch.zeros((len(chunk), b, c), dtype=y.dtype, device=y.device)
+                    go[torch.arange(len(chunk)), :, torch.tensor(chunk)] = 1.0
+                deltas = _batched_grad(y, zs, go)
+                for m, delta in zip(mods, deltas):
+                    s_w, s_b = _fast_layer(m, layers[m][0], delta, weight)
+                    for p_name, s in (("weight", s_w), ("bias", s_b)):
+                        p = getattr(m, p_name, None)
+                        if p is not None and id(p) in id_to_name:
+                            n = id_to_name[id(p)]
+                            result[n] = s if n not in result else result[n].add_(s)
     rest = [n for n in named_params if n not in result]
     if rest:
         params = [named_params[n] for n in rest]
@@ -323,6 +348,8 @@ def sensitivity(
     reduction: str = "sample",
     outputs: str = "logits",
     params: Iterable[str] | None = None,
+    output_samples: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sensitivity S of the outputs to every parameter that requires grad.
 
@@ -334,6 +361,8 @@ def sensitivity(
         reduction: ``"sample"`` (|.| per sample, then mean) or ``"batch"`` (|.| of the mean).
         outputs: ``"logits"`` (y = model output) or ``"probs"`` (y = softmax of it).
         params: restrict to these parameter names (default: all that require grad).
+        output_samples: unspecific kind only: an unbiased estimate from K outputs drawn
+            uniformly (``generator`` seeds the draw); default: all C outputs, exact.
 
     Returns:
         ``{name: S}`` with each S of its parameter's shape. The model's mode, gradients and
@@ -346,7 +375,7 @@ def sensitivity(
         with torch.enable_grad(), LayerRecorder(model, record_layers=reduction == "sample") as rec:
             logits = model(inputs)
         y = torch.softmax(logits, dim=-1) if outputs == "probs" and logits.dim() == 2 else logits
-        alpha = alpha_matrix(y, targets, kind)
+        alpha = alpha_matrix(y, targets, kind, output_samples, generator)
         return compute(model, y, alpha, named, kind, reduction, rec)
     finally:
         with torch.no_grad():

@@ -52,7 +52,8 @@ def make_method(cfg, model, optimizer, pruner, steps_per_epoch: int, n_train: in
         return SensitivityRegularizer(
             model, cfg.lam, kind=cfg.kind, reduction=cfg.reduction, outputs=cfg.outputs,
             params=cfg.regularize, every=cfg.sens_every, optimizer=optimizer,
-            lr_scaled=cfg.lam_lr_scaled)
+            lr_scaled=cfg.lam_lr_scaled, output_samples=cfg.output_samples or None,
+            seed=cfg.seed)
     if m == "l2":
         return L2Decay(model, cfg.lam, params=cfg.regularize)
     if m == "l1":
