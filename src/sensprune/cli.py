@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=int)
     t.add_argument("--finetune-epochs", type=int)
     t.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
+    t.add_argument("--workers", type=int, help="DataLoader workers (ImageFolder datasets)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--no-amp", dest="amp", action="store_false", default=None,
+                   help="CUDA: no bfloat16 autocast / channels_last")
     t.add_argument("--out", help="run directory (summary.json, checkpoint.pt, ...)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -141,7 +145,7 @@ def cmd_train(args) -> int:
         "model", "dataset", "data_dir", "epochs", "batch_size", "limit_train", "val_size",
         "optimizer", "lr", "momentum", "weight_decay", "schedule", "seed", "method", "kind",
         "reduction", "outputs", "lam", "lam_lr_scaled", "sens_every", "output_samples", "regularize", "threshold",
-        "threshold_mode", "val_budget", "prune_every", "target_sparsity", "finetune_lr", "warmup_epochs", "finetune_epochs", "threads", "out")}
+        "threshold_mode", "val_budget", "prune_every", "target_sparsity", "finetune_lr", "warmup_epochs", "finetune_epochs", "threads", "workers", "device", "amp", "out")}
     if args.no_progress:
         overrides["progress"] = False
     cfg = make_config(args.recipe, **overrides)

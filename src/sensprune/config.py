@@ -59,6 +59,9 @@ class TrainConfig:
     out: str = "runs/latest"
     progress: bool = True
     threads: int = 0  # torch threads; 0 = torch's default
+    workers: int = 0  # DataLoader worker processes (ImageFolder datasets)
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
+    amp: bool = True  # CUDA only: bfloat16 autocast, and channels_last for conv nets
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
@@ -71,6 +74,7 @@ class TrainConfig:
             "outputs": ("logits", "probs"),
             "regularize": ("weights", "weights+biases", "all"),
             "threshold_mode": ("global", "layer"),
+            "device": ("auto", "cpu", "cuda"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

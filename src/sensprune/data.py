@@ -1,10 +1,10 @@
 """Datasets: the IDX reader, the embedded MNIST, the dataset registry, splits and batching.
 
 Owns everything between files on disk and (inputs, targets) batches. MNIST ships inside the
-package; other IDX datasets (Fashion-MNIST) are found in ``--data-dir``, then the
-``SENSPRUNE_DATA`` environment variable, then ``~/.cache/sensprune``. A deterministic
-validation split is carved out of the training set (it chooses thresholds); the test set is
-only ever used for reporting.
+package; other datasets (Fashion-MNIST as IDX, CIFAR-10 as python pickles, ImageNet as an
+ImageFolder tree; see ``vision_data``) are found in ``--data-dir``, then the ``SENSPRUNE_DATA``
+environment variable, then ``~/.cache/sensprune``. A deterministic validation split is carved
+out of the training set (it chooses thresholds); the test set is only used for reporting.
 """
 
 from __future__ import annotations
@@ -36,16 +36,19 @@ class DatasetInfo:
     name: str
     num_classes: int
     input_shape: tuple[int, ...]
-    mean: float
-    std: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     embedded: bool = False
-    train_size: int = 60_000
-    test_size: int = 10_000
+    layout: str = "idx"  # idx | cifar | imagefolder
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), 0.1307, 0.3081, embedded=True),
-    "fashion-mnist": DatasetInfo("fashion-mnist", 10, (1, 28, 28), 0.2860, 0.3530),
+    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), embedded=True),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, (1, 28, 28), (0.2860,), (0.3530,)),
+    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465),
+                           (0.2470, 0.2435, 0.2616), layout="cifar"),
+    "imagenet": DatasetInfo("imagenet", 1000, (3, 224, 224), (0.485, 0.456, 0.406),
+                            (0.229, 0.224, 0.225), layout="imagefolder"),
 }
 
 
@@ -133,19 +136,53 @@ def load_split(name: str, split: str, data_dir=None) -> tuple[torch.Tensor, torc
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
+Data = "tuple[torch.Tensor, torch.Tensor] | torch.utils.data.Dataset"
+
+
 @dataclass
 class Splits:
-    """Normalized float tensors for train / validation / test, plus the dataset's facts."""
+    """Train / validation / test data, plus the dataset's facts. Each split is either a pair
+    of in-memory tensors (normalized inputs, labels) or a ``Dataset`` (ImageNet)."""
 
     info: DatasetInfo
-    train: tuple[torch.Tensor, torch.Tensor]
-    val: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
+    train: Data
+    val: Data
+    test: Data
+    augment: bool = False  # random crop + flip of in-memory training batches (CIFAR-10)
 
 
 def _normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
-    x = images.float().div_(255.0).sub_(info.mean).div_(info.std)
-    return x.unsqueeze(1)  # (N, 1, 28, 28)
+    from .vision_data import normalize_images
+    if images.dim() == 3:
+        images = images.unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28)
+    return normalize_images(images, info.mean, info.std)
+
+
+def num_samples(data: Data) -> int:
+    return len(data[1]) if isinstance(data, tuple) else len(data)
+
+
+def _root(name: str, data_dir) -> Path:
+    """Root folder of a non-IDX dataset: --data-dir, then $SENSPRUNE_DATA, then the cache."""
+    if data_dir is not None:
+        base = Path(data_dir)
+    elif os.environ.get("SENSPRUNE_DATA"):
+        base = Path(os.environ["SENSPRUNE_DATA"])
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sensprune"
+    return base / name if (base / name).is_dir() else base
+
+
+def _split_indices(n: int, val_size: int, limit_train, split_seed: int):
+    if not 0 <= val_size < n:
+        raise DataError(f"val_size={val_size} must be in [0, {n})")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    if limit_train is not None:
+        if limit_train <= 0:
+            raise DataError(f"--limit-train must be a positive number of samples, got {limit_train}")
+        train_idx = train_idx[:limit_train]
+    return train_idx, val_idx
 
 
 def load_dataset(
@@ -162,43 +199,69 @@ def load_dataset(
     samples after the split (for quick runs).
     """
     info = dataset_info(name)
-    x_tr, y_tr = load_split(name, "train", data_dir)
-    x_te, y_te = load_split(name, "test", data_dir)
-    if not 0 <= val_size < len(x_tr):
-        raise DataError(f"val_size={val_size} must be in [0, {len(x_tr)})")
-    perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(split_seed))
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
-    if limit_train is not None:
-        if limit_train <= 0:
-            raise DataError(f"--limit-train must be a positive number of samples, got {limit_train}")
-        train_idx = train_idx[:limit_train]
+    if info.layout == "imagefolder":
+        return _load_imagefolder(info, data_dir, val_size, limit_train, split_seed)
+    if info.layout == "cifar":
+        from .vision_data import load_cifar10
+        (x_tr, y_tr), (x_te, y_te) = load_cifar10(_root(name, data_dir))
+    else:
+        x_tr, y_tr = load_split(name, "train", data_dir)
+        x_te, y_te = load_split(name, "test", data_dir)
+    train_idx, val_idx = _split_indices(len(x_tr), val_size, limit_train, split_seed)
     return Splits(
         info=info,
         train=(_normalize(x_tr[train_idx], info), y_tr[train_idx]),
         val=(_normalize(x_tr[val_idx], info), y_tr[val_idx]),
         test=(_normalize(x_te, info), y_te),
+        augment=info.layout == "cifar",
     )
 
 
+def _load_imagefolder(info, data_dir, val_size, limit_train, split_seed) -> Splits:
+    from torch.utils.data import Subset
+
+    from .vision_data import ImageFolderDataset
+    root = _root(info.name, data_dir)
+    size = info.input_shape[-1]
+    train_aug = ImageFolderDataset(root / "train", True, size, info.mean, info.std)
+    train_eval = ImageFolderDataset(root / "train", False, size, info.mean, info.std,
+                                    classes=train_aug.classes)
+    test = ImageFolderDataset(root / "val", False, size, info.mean, info.std,
+                              classes=train_aug.classes)
+    train_idx, val_idx = _split_indices(len(train_aug), val_size, limit_train, split_seed)
+    return Splits(info=info, train=Subset(train_aug, train_idx.tolist()),
+                  val=Subset(train_eval, val_idx.tolist()), test=test)
+
+
 def batches(
-    data: tuple[torch.Tensor, torch.Tensor],
+    data: Data,
     batch_size: int,
     shuffle_seed: int | None = None,
+    augment: bool = False,
+    workers: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of in-memory tensors; shuffled by a generator seeded with ``shuffle_seed``.
+    """Mini-batches, shuffled by a generator seeded with ``shuffle_seed``.
 
     A seeded permutation per epoch (seed = run seed + epoch) makes an epoch reproducible on
-    its own, which is what makes resume-from-checkpoint exact.
+    its own, which is what makes resume-from-checkpoint exact. In-memory tensors are sliced
+    directly (optionally augmented); a ``Dataset`` goes through a ``DataLoader``.
     """
-    x, y = data
-    n = len(x)
-    if shuffle_seed is None:
-        order = None
-    else:
+    n = num_samples(data)
+    order = None
+    if shuffle_seed is not None:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed))
+    if not isinstance(data, tuple):
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=batch_size, num_workers=workers,
+            sampler=order.tolist() if order is not None else None)
+        yield from loader
+        return
+    x, y = data
+    gen = torch.Generator().manual_seed((shuffle_seed or 0) + 7) if augment else None
     for start in range(0, n, batch_size):
-        if order is None:
-            yield x[start:start + batch_size], y[start:start + batch_size]
-        else:
-            idx = order[start:start + batch_size]
-            yield x[idx], y[idx]
+        idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
+        xb = x[idx]
+        if augment:
+            from .vision_data import crop_flip
+            xb = crop_flip(xb, gen)
+        yield xb, y[idx]

@@ -323,7 +323,7 @@ def compute(
         params = [named_params[n] for n in rest]
         for n, s in zip(rest, _generic(y, alpha, params, reduction, denom, distributed)):
             result[n] = s
-    out = {n: result[n].detach() for n in named_params}
+    out = {n: result[n].detach().to(named_params[n].dtype) for n in named_params}
     if distributed and reduction == "sample":
         all_reduce_sum_(list(out.values()))  # each rank holds its share of the global mean
     return out

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import __version__
 from . import distributed as ddp
 from .config import TrainConfig
-from .data import Splits, batches, load_dataset
+from .data import Splits, batches, load_dataset, num_samples
 from .errors import CheckpointError
 from .models import build_model
 from .pruning import Pruner, sparsity_report
@@ -58,13 +58,24 @@ def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
     was_training = model.training
     model.eval()
     wrong, loss_sum = 0, 0.0
+    device = next(model.parameters()).device
     for x, y in batches(data, batch_size):
-        out = model(x)
+        x, y = x.to(device), y.to(device)
+        out = model(x).float()
         loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
         wrong += int((out.argmax(1) != y).sum())
     model.train(was_training)
-    n = max(len(data[1]), 1)
+    n = max(num_samples(data), 1)
     return 100.0 * wrong / n, loss_sum / n
+
+
+def resolve_device(name: str, info: "ddp.DistInfo") -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from .errors import ConfigError
+            raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -84,12 +95,12 @@ def write_text_atomic(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     p = Path(path)
     if p.is_dir():
         p = p / CHECKPOINT
     try:
-        return torch.load(p, map_location="cpu", weights_only=False)
+        return torch.load(p, map_location=map_location, weights_only=False)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {p} not found; give a run directory or its "
                               f"{CHECKPOINT}") from None
@@ -135,21 +146,29 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.info.num_classes, splits.info.input_shape)
+    device = resolve_device(cfg.device, info)
+    use_amp = cfg.amp and device.type == "cuda"
+    model.to(device)
+    if use_amp and len(splits.info.input_shape) == 3:
+        model.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, model.parameters())
     pruner = Pruner(model, optimizer=opt)
-    steps_per_epoch = math.ceil(len(splits.train[1]) / cfg.batch_size)
-    method = make_method(cfg, model, opt, pruner, steps_per_epoch, len(splits.train[1]))
+    steps_per_epoch = math.ceil(num_samples(splits.train) / cfg.batch_size)
+    method = make_method(cfg, model, opt, pruner, steps_per_epoch, num_samples(splits.train))
     if hasattr(method, "new_params"):  # Sparse VD's log sigma^2
         opt.add_param_group({"params": method.new_params(), "weight_decay": 0.0})
     # forward through DDP (gradient all-reduce); everything else works on the plain module
-    net = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
+    net = model
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     sched = make_scheduler(cfg, opt)
 
     state: dict[str, Any] = {"epoch": 0, "train_seconds": 0.0, "reference_val_error": None,
                              "thresholds": []}
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
         method.load_state_dict(ckpt["method"])  # first: it may change the layers (Sparse VD)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -173,7 +192,8 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
         model.train()
         t0 = time.perf_counter()
         loss_sum = wrong = seen = 0
-        it = batches(splits.train, cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch)
+        it = batches(splits.train, cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch,
+                     augment=splits.augment, workers=cfg.workers)
         bar = _progress(it, steps_per_epoch, cfg.progress and info.is_main, f"epoch {epoch + 1}/{cfg.epochs} {phase}")
         active = phase == "sparsify"
         for x, y in bar if bar is not None else it:
@@ -181,9 +201,12 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
             if info.enabled:  # this rank's slice of the global batch
                 part = ddp.shard(n_global, info)
                 x, y = x[part], y[part]
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            with method.observe(y) if active else contextlib.nullcontext():
+            with method.observe(y) if active else contextlib.nullcontext(), \
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = net(x)
+            logits = logits.float()
             # sum / global batch size, times world size because DDP averages over ranks:
             # the gradient is exactly that of the mean loss over the global batch
             loss_sum_batch = F.cross_entropy(logits, y, reduction="sum")

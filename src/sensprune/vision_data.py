@@ -1,0 +1,173 @@
+"""CIFAR-10 (the standard python-pickle batches) and ImageNet (ImageFolder layout).
+
+CIFAR-10 is read into memory (150 MB) and augmented per batch (4-pixel padded random crop and
+horizontal flip). ImageNet is a lazily decoded ``Dataset`` over ``<dir>/train/<class>/*`` and
+``<dir>/val/<class>/*`` with the standard transforms (RandomResizedCrop 224 + flip for
+training; resize 256 + center crop 224 for evaluation), through torchvision when it imports
+and through a small PIL implementation of the same transforms otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
+
+
+# -- CIFAR-10 --------------------------------------------------------------------------------------
+def _cifar_dir(root: Path) -> Path:
+    for d in (root, root / "cifar-10-batches-py", root / "cifar10" / "cifar-10-batches-py",
+              root / "cifar10"):
+        if (d / "data_batch_1").exists():
+            return d
+    raise DataError(f"CIFAR-10 not found under {root}; pass --data-dir DIR holding "
+                    "cifar-10-batches-py/ (data_batch_1..5, test_batch)")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(d[b"labels"], dtype=np.int64)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; the CIFAR-10 folder is incomplete") from None
+    except Exception as exc:
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}); "
+                        "re-download cifar-10-python.tar.gz") from None
+    if len(data) != len(labels):
+        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+def load_cifar10(root: Path) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((train images uint8 (N,3,32,32), labels), (test images, labels))."""
+    d = _cifar_dir(root)
+    parts = [_read_cifar_batch(d / f"data_batch_{i}") for i in range(1, 6)]
+    x_tr = np.concatenate([p[0] for p in parts])
+    y_tr = np.concatenate([p[1] for p in parts])
+    x_te, y_te = _read_cifar_batch(d / "test_batch")
+    return ((torch.from_numpy(x_tr), torch.from_numpy(y_tr)),
+            (torch.from_numpy(x_te), torch.from_numpy(y_te)))
+
+
+def normalize_images(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float, per-channel normalized."""
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop (after zero padding) and horizontal flip of a batch, per sample."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):
+        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+
+
+# -- ImageFolder (ImageNet) ------------------------------------------------------------------------
+def _try_torchvision():
+    try:  # PyPI's torchvision may fail to import beside some torch builds: then use PIL
+        from torchvision import transforms
+        return transforms
+    except Exception:
+        return None
+
+
+class _PilTransforms:
+    """RandomResizedCrop(size) + flip for training, Resize(256) + CenterCrop(size) for eval."""
+
+    def __init__(self, train: bool, size: int, mean, std):
+        self.train, self.size, self.mean, self.std = train, size, mean, std
+
+    def _random_resized_crop(self, img):
+        w, h = img.size
+        area = w * h
+        for _ in range(10):
+            target = area * random.uniform(0.08, 1.0)
+            ratio = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+            if 0 < cw <= w and 0 < ch <= h:
+                x0, y0 = random.randint(0, w - cw), random.randint(0, h - ch)
+                return img.resize((self.size, self.size), box=(x0, y0, x0 + cw, y0 + ch))
+        s = min(w, h)
+        return img.resize((self.size, self.size), box=((w - s) // 2, (h - s) // 2,
+                                                       (w - s) // 2 + s, (h - s) // 2 + s))
+
+    def __call__(self, img):
+        from PIL import Image
+        if self.train:
+            img = self._random_resized_crop(img)
+            if random.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            w, h = img.size
+            scale = 256 / min(w, h)
+            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))))
+            w, h = img.size
+            x0, y0 = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((x0, y0, x0 + self.size, y0 + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return normalize_images(x.unsqueeze(0), self.mean, self.std)[0]
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """``root/<class>/<image>`` files; classes sorted by name, as torchvision's ImageFolder."""
+
+    def __init__(self, root: Path, train: bool, size: int = 224, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD, classes: list[str] | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: not a directory; expected an ImageFolder layout "
+                            "(<dir>/train/<class>/*.JPEG and <dir>/val/<class>/*.JPEG)")
+        self.classes = classes or sorted(d.name for d in root.iterdir() if d.is_dir())
+        if not self.classes:
+            raise DataError(f"{root}: no class folders; expected {root}/<class>/<image files>")
+        self.samples = [(p, i) for i, c in enumerate(self.classes) if (root / c).is_dir()
+                        for p in sorted((root / c).iterdir())
+                        if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.samples:
+            raise DataError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        tv = _try_torchvision()
+        if tv is not None:
+            norm = tv.Normalize(mean, std)
+            self.transform = tv.Compose(
+                [tv.RandomResizedCrop(size), tv.RandomHorizontalFlip(), tv.ToTensor(), norm]
+                if train else [tv.Resize(256), tv.CenterCrop(size), tv.ToTensor(), norm])
+        else:
+            self.transform = _PilTransforms(train, size, mean, std)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as img:
+                return self.transform(img.convert("RGB")), label
+        except OSError as exc:
+            raise DataError(f"{path}: unreadable image ({exc})") from None
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return torch.tensor([s[1] for s in self.samples])

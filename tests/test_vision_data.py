@@ -1,0 +1,103 @@
+"""CIFAR-10 and ImageFolder (ImageNet) code paths on small synthetic data in the real formats."""
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sensprune.data import batches, load_dataset
+from sensprune.errors import DataError
+from sensprune.vision_data import crop_flip
+
+
+def write_cifar(root, per_batch=20, seed=0):
+    d = root / "cifar10" / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        blob = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                b"labels": rng.integers(0, 10, per_batch).tolist(), b"batch_label": name.encode()}
+        with open(d / name, "wb") as f:
+            pickle.dump(blob, f)
+    return root
+
+
+def write_imagefolder(root, classes=("ant", "bee", "cat"), n_train=4, n_val=2):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in classes:
+            (root / "imagenet" / split / c).mkdir(parents=True)
+            for i in range(n):
+                h, w = int(rng.integers(30, 60)), int(rng.integers(30, 60))
+                arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / "imagenet" / split / c / f"{i}.png")
+    return root
+
+
+def test_cifar_pickles_load_and_augment(tmp_path):
+    write_cifar(tmp_path)
+    s = load_dataset("cifar10", data_dir=tmp_path, val_size=10)
+    assert s.train[0].shape == (90, 3, 32, 32) and s.test[0].shape == (20, 3, 32, 32)
+    assert s.augment
+    # the normalization is per channel with CIFAR-10's statistics
+    raw = pickle.load(open(tmp_path / "cifar10/cifar-10-batches-py/test_batch", "rb"),
+                      encoding="bytes")[b"data"].reshape(-1, 3, 32, 32)
+    expected = (raw[0, 1].astype(np.float32) / 255 - 0.4822) / 0.2435
+    assert np.allclose(s.test[0][0, 1].numpy(), expected, atol=1e-5)
+    xb, yb = next(batches(s.train, 8, shuffle_seed=1, augment=True))
+    assert xb.shape == (8, 3, 32, 32)
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
+    out = crop_flip(x, torch.Generator().manual_seed(0))
+    # every output row is a (possibly flipped) shifted window of the zero-padded input
+    assert out.shape == x.shape and set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+
+
+def test_cifar_errors(tmp_path):
+    with pytest.raises(DataError, match="CIFAR-10 not found"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    write_cifar(tmp_path)
+    (tmp_path / "cifar10/cifar-10-batches-py/data_batch_3").write_bytes(b"junk")
+    with pytest.raises(DataError, match="data_batch_3: not a CIFAR-10 python batch"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
+def test_imagefolder_loads(tmp_path):
+    write_imagefolder(tmp_path)
+    s = load_dataset("imagenet", data_dir=tmp_path, val_size=3)
+    assert len(s.train) == 9 and len(s.val) == 3 and len(s.test) == 6
+    x, y = s.test[0]
+    assert x.shape == (3, 224, 224) and y == 0
+    xb, yb = next(batches(s.train, 4, shuffle_seed=0))
+    assert xb.shape == (4, 3, 224, 224) and yb.dtype == torch.int64
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(DataError, match="ImageFolder layout"):
+        load_dataset("imagenet", data_dir=tmp_path)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sensprune", "train", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_train_resnet32_on_synthetic_cifar(tmp_path):
+    write_cifar(tmp_path)
+    r = run_cli("--model", "resnet32", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                "--val-size", "20", "--batch-size", "20", "--epochs", "1", "--lam", "1e-3",
+                "--threshold", "0.01", "--no-progress", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "conv.weight" in r.stdout
+
+
+def test_train_on_synthetic_imagefolder(tmp_path):
+    write_imagefolder(tmp_path)
+    r = run_cli("--model", "resnet32", "--dataset", "imagenet", "--data-dir", str(tmp_path),
+                "--val-size", "3", "--batch-size", "3", "--epochs", "1", "--lam", "1e-3",
+                "--threshold", "0.01", "--no-progress", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "summary.json").exists()
