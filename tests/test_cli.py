@@ -76,3 +76,29 @@ def test_help_everywhere():
     for args in ([], ["train"], ["evaluate"], ["report"]):
         r = run(*args, "--help")
         assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_export_and_bench_infer(tmp_path):
+    out = tmp_path / "run"
+    r = run("train", "--epochs", "2", "--limit-train", "2000", "--val-size", "500",
+            "--warmup-epochs", "1", "--lam", "1e-3", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    f = tmp_path / "m.safetensors"
+    e = run("export", str(out), "-o", str(f), "--values", "fp16", "--json", str(tmp_path / "e.json"))
+    assert e.returncode == 0, e.stderr
+    rep = json.loads((tmp_path / "e.json").read_text())
+    assert rep["file_bytes"] == f.stat().st_size
+    assert set(rep["formats"]) == {"fp32", "fp16", "int8"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert rep["formats"]["fp32"]["test_error"] == summary["test_error"]  # fp32 is lossless
+    b = run("bench-infer", str(f), "--reps", "5", "--json", str(tmp_path / "b.json"))
+    assert b.returncode == 0, b.stderr
+    assert "whole model" in b.stdout
+    assert_usage_error(run("export", str(out), "-o", str(f), "--values", "int4"), "invalid choice")
+    f.write_bytes(f.read_bytes()[:-50])
+    assert_usage_error(run("bench-infer", str(f)), "truncated or corrupt")
+
+
+def test_reproduce_cli_errors():
+    assert_usage_error(run("reproduce", "alexnet"), "no experiment 'alexnet'")
+    assert_usage_error(run("reproduce", "lenet300", "--methods", "magic"), "unknown method label")

@@ -239,9 +239,14 @@ class SparseLinear(nn.Module):
                                                     0.3 * weight.numel())]
 
     def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # y^T = W x^T with W in CSR: one sparse-dense matmul
-        y = torch.sparse.mm(self.weight_csr, x.t()).t()
-        return y if self.bias is None else y + self.bias
+        # y^T = W x^T (+ b) with W in CSR: one sparse-dense matmul. The result is returned as
+        # a transposed view, so the next SparseLinear's x.t().contiguous() costs nothing.
+        xt = x.reshape(-1, self.in_features).t().contiguous()
+        if self.bias is None:
+            y = torch.sparse.mm(self.weight_csr, xt)
+        else:
+            y = torch.addmm(self.bias.unsqueeze(1), self.weight_csr, xt)
+        return y.t().reshape(*x.shape[:-1], self.out_features)
 
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

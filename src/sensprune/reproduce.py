@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -107,9 +108,13 @@ def reproduce(
         })
     result = {
         "experiment": experiment, "quick": quick, "rows": rows,
+        "command": "sensprune " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(
+            ("sensprune", "__main__.py")) else None,
+        "seed": seed if seed is not None else common.get("seed", 0),
         "published": [{"label": a, "compression_ratio": b, "test_error": c}
                       for a, b, c in PUBLISHED.get(experiment, [])],
         "wall_seconds": time.perf_counter() - t_all,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "environment": {"sensprune": __version__, "torch": torch.__version__,
                         "python": platform.python_version(), "machine": platform.machine(),
                         "threads": torch.get_num_threads()},
@@ -131,6 +136,9 @@ def table_markdown(result: dict) -> str:
         "compression", "test err %", "val err %", "epochs", "train s"]
     lines = [f"## {result['experiment']}" + (" (quick mode: subset, numbers not meaningful)"
                                               if result["quick"] else ""), "",
+             f"Command: `{result.get('command')}`; seed {result.get('seed')}; "
+             f"wall time {result['wall_seconds'] / 60:.1f} min; torch "
+             f"{result['environment']['torch']}, {result['environment']['threads']} thread(s).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"]] + [f"{r['remaining_per_layer'][n]:.2f}" for n in layers] + [
