@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    r = sub.add_parser("report", help="print a run's table and draw its curves")
+    r = sub.add_parser("report", help="print a run's (or a reproduce directory's) table and "
+                       "draw its plot")
     r.add_argument("run_dir")
 
     ex = sub.add_parser("export", help="write a compact sparse file (and optionally ONNX)")
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="output directory (default: runs/reproduce-EXPERIMENT)")
     rp.add_argument("--data-dir")
     rp.add_argument("--seed", type=int)
+    rp.add_argument("--threads", type=_positive_int, help="torch CPU threads per run")
     return p
 
 
@@ -197,6 +199,15 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     from .report import plot_run, read_run, summary_markdown
 
+    table = Path(args.run_dir) / "table.json"
+    if table.exists():  # a `sensprune reproduce` directory: the table, and the plot redrawn
+        from .reproduce import plot_pareto, table_markdown
+        result = json.loads(table.read_text())
+        print(table_markdown(result))
+        png = plot_pareto(result, Path(args.run_dir) / "pareto.png")
+        print(f"wrote {png}" if png else "(install matplotlib for pareto.png)")
+        return 0
+
     summary, metrics = read_run(args.run_dir)
     print(summary_markdown(summary))
     if metrics:
@@ -249,6 +260,9 @@ def cmd_bench_infer(args) -> int:
 def cmd_reproduce(args) -> int:
     from .reproduce import reproduce
 
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     out = args.out or f"runs/reproduce-{Path(args.experiment).stem}"
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     result = reproduce(args.experiment, out, methods=methods, quick=args.quick,

@@ -138,7 +138,8 @@ def table_markdown(result: dict) -> str:
                                               if result["quick"] else ""), "",
              f"Command: `{result.get('command')}`; seed {result.get('seed')}; "
              f"wall time {result['wall_seconds'] / 60:.1f} min; torch "
-             f"{result['environment']['torch']}, {result['environment']['threads']} thread(s).", "",
+             f"{result['environment']['torch']}, {result['environment']['threads']} thread(s)."
+             if "command" in result else "", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"]] + [f"{r['remaining_per_layer'][n]:.2f}" for n in layers] + [
@@ -162,13 +163,16 @@ def plot_pareto(result: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    by_method: dict[str, list[dict]] = {}
+    # one series per row label; a lambda sweep ("sensitivity lam=3e-4") joins its base row
+    series: dict[str, list[dict]] = {}
     for r in result["rows"]:
-        by_method.setdefault(r["method"], []).append(r)
-    for method, rs in by_method.items():
+        series.setdefault(r["label"].split(" lam=")[0], []).append(r)
+    markers = "os^Dv<>pXh*"
+    for i, (label, rs) in enumerate(series.items()):
         rs = sorted(rs, key=lambda r: r["compression_ratio"])
-        ax.plot([r["compression_ratio"] for r in rs], [r["test_error"] for r in rs], "o-",
-                label=method)
+        ax.plot([r["compression_ratio"] for r in rs], [r["test_error"] for r in rs],
+                marker=markers[i % len(markers)], linestyle="-" if len(rs) > 1 else "none",
+                label=label)
     for p in result["published"]:
         ax.scatter([p["compression_ratio"]], [p["test_error"]], marker="*", s=90, c="k")
         ax.annotate(p["label"], (p["compression_ratio"], p["test_error"]), fontsize=7,
