@@ -62,7 +62,7 @@ def test_int8_values_within_half_a_step(tmp_path):
             assert (state[k] - v).abs().max() <= step / 2 + 1e-7
             assert torch.equal(state[k] == 0, (v == 0) | (v.abs() < step / 2))
         else:
-            assert torch.equal(state[k], v)  # biases stay fp32
+            assert torch.equal(state[k], v.half().float())  # biases: fp16
 
 
 def test_index_dtype_boundaries():
@@ -82,11 +82,14 @@ def test_delta_encoding_with_long_gaps(tmp_path):
     w = torch.zeros(3, 2000)
     w[0, [0, 1, 700, 1999]] = torch.tensor([1.0, -2.0, 3.0, 4.0])
     w[2, 1000] = 5.0
-    arrays, _ = candidate_encodings(w, "fp32")["csr-delta8"]
+    arrays, _ = candidate_encodings(w, "fp32")["delta8"]
     assert arrays["gaps"].dtype == np.uint8
+    # flattened positions 0, 1, 700, 1999, 5000: gaps 1, 1, 699 (= 255 + 255 + 189), 1299, 3001
+    assert arrays["gaps"].tolist()[:5] == [1, 1, 255, 255, 189]
+    assert int(arrays["gaps"].astype(np.int64).sum()) == 5001
     f = tmp_path / "d.safetensors"
     rep = export({"fc.weight": w}, f, {"model": "x", "num_classes": 1, "input_shape": [1]})
-    assert rep["layers"]["fc.weight"]["encoding"] in ("csr-delta8", "csr")
+    assert rep["layers"]["fc.weight"]["encoding"] in ("delta8", "csr")
     assert torch.equal(read(f)[1]["fc.weight"], w)
 
 

@@ -5,10 +5,13 @@ File format: a standard safetensors container. Each parameter is stored in the s
   * ``csr``        — row pointers + column indices (narrowest unsigned dtype that fits) +
                      values, over the tensor viewed as (shape[0], rest);
   * ``bitmask``    — one bit per entry (packed) + the non-zero values;
-  * ``csr-delta8`` — CSR whose column indices are stored as uint8 gaps from the previous
-                     non-zero (gaps over 255 take filler entries with value 0), as in Deep
-                     Compression's relative indexing.
-Values are fp32 (default), fp16, or int8 with one fp32 scale per tensor (symmetric). The
+  * ``delta8``     — the positions of the non-zeros of the flattened tensor as uint8 gaps
+                     from the previous one (gaps over 255 take filler entries with value 0),
+                     as in Deep Compression's relative indexing;
+  * ``csr-delta8``   — the same gaps within each row, plus row pointers (wins when whole rows,
+                     i.e. dead neurons, are empty).
+Values are fp32 (default), fp16, or int8 with one fp32 scale per tensor (symmetric; 1-D
+tensors such as biases are stored fp16 in int8 mode). The
 ``__metadata__`` holds JSON: architecture, shapes, encodings, input normalization, dataset,
 summary figures, and a SHA-256 over every stored byte, checked on load.
 """
@@ -79,7 +82,20 @@ def candidate_encodings(t: torch.Tensor, fmt: str) -> dict[str, tuple[dict[str, 
         "indptr": indptr.astype(index_dtype(int(indptr[-1]))),
         "indices": cols.astype(index_dtype(max(mat.shape[1] - 1, 0))),
         "values": nnz_vals}, scale_nz))
-    # relative (gap) indices in uint8; a gap over 255 takes filler entries (value 0)
+    # relative indices: uint8 gaps between successive non-zeros of the flattened tensor; a
+    # gap over 255 takes filler entries (value 0). No row pointers are needed.
+    pos = np.flatnonzero(nz)
+    gap = np.diff(pos, prepend=-1)
+    fill = (gap - 1) // 255
+    last = np.cumsum(fill + 1) - 1  # where each real entry lands
+    gaps = np.full(int(last[-1]) + 1 if len(last) else 0, 255, dtype=np.uint8)
+    gaps[last] = gap - 255 * fill
+    d_vals = np.zeros(len(gaps), np.float32)
+    d_vals[last] = flat[pos]
+    dvals, dscale = _values(d_vals, fmt)
+    candidates.append(("delta8", {"gaps": gaps, "values": dvals}, dscale))
+
+    # the same per row (row pointers + gaps within each row): better when rows are empty
     prev = np.full(len(cols), -1, dtype=np.int64)
     same_row = np.zeros(len(cols), dtype=bool)
     same_row[1:] = rows[1:] == rows[:-1]
@@ -104,17 +120,17 @@ def _nbytes(arrays: dict[str, np.ndarray]) -> int:
     return sum(v.nbytes for v in arrays.values())
 
 
-def _encode_tensor(name: str, t: torch.Tensor, fmt: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(layer metadata, arrays) of the smallest encoding of one tensor."""
+def _encode_tensor(name: str, t: torch.Tensor, fmt: str) -> tuple[dict, dict[str, np.ndarray], int]:
+    """(layer metadata, arrays, min(CSR, bitmask) bytes) of the smallest encoding of a tensor."""
     cands = candidate_encodings(t, fmt)
     enc = min(cands, key=lambda k: _nbytes(cands[k][0]))
     arrays, sc = cands[enc]
     meta = {"shape": list(t.shape), "encoding": enc, "nnz": int(torch.count_nonzero(t)),
-            "bytes": _nbytes(arrays), "csr_bytes": _nbytes(cands["csr"][0]),
-            "bitmask_bytes": _nbytes(cands["bitmask"][0])}
+            "bytes": _nbytes(arrays)}
     if sc is not None:
         meta["scale"] = sc
-    return meta, {f"{name}/{k}": v for k, v in arrays.items()}
+    reference = min(_nbytes(cands["csr"][0]), _nbytes(cands["bitmask"][0]))
+    return meta, {f"{name}/{k}": v for k, v in arrays.items()}, reference
 
 
 def _decode_tensor(name: str, meta: dict, arrays: dict[str, np.ndarray]) -> torch.Tensor:
@@ -136,6 +152,10 @@ def _decode_tensor(name: str, meta: dict, arrays: dict[str, np.ndarray]) -> torc
         indptr = arrays[f"{name}/indptr"].astype(np.int64)
         r = np.repeat(np.arange(rows), np.diff(indptr))
         out[r * cols + arrays[f"{name}/indices"].astype(np.int64)] = vals
+    elif enc == "delta8":
+        pos = np.cumsum(arrays[f"{name}/gaps"].astype(np.int64)) - 1
+        keep = vals != 0
+        out[pos[keep]] = vals[keep]
     elif enc == "csr-delta8":
         indptr = arrays[f"{name}/indptr"].astype(np.int64)
         csum = np.concatenate([[0], np.cumsum(arrays[f"{name}/gaps"].astype(np.int64))])
@@ -162,19 +182,20 @@ def export(state_dict: dict[str, torch.Tensor], path: str | Path, arch: dict[str
 
     ``arch`` = {"model": registry name, "num_classes": C, "input_shape": [...]}. Buffers
     and biases are stored like any tensor (dense when that is smallest). With int8 values,
-    only tensors with more than one dimension are quantized; biases stay fp32.
+    only tensors with more than one dimension are quantized; 1-D tensors are stored fp16.
     """
     from safetensors.numpy import save_file
 
     if values not in VALUE_FORMATS:
         raise ConfigError(f"values must be one of {', '.join(VALUE_FORMATS)}, got {values!r}")
     layers, arrays = {}, {}
-    dense_bytes = 0
+    dense_bytes = reference = 0
     for name, t in state_dict.items():
         if not torch.is_tensor(t) or not t.is_floating_point():
             continue
-        fmt = values if (values != "int8" or t.dim() > 1) else "fp32"
-        meta, arr = _encode_tensor(name, t, fmt)
+        fmt = values if (values != "int8" or t.dim() > 1) else "fp16"
+        meta, arr, ref = _encode_tensor(name, t, fmt)
+        reference += ref
         meta["values"] = fmt
         layers[name] = meta
         arrays.update(arr)
@@ -189,8 +210,7 @@ def export(state_dict: dict[str, torch.Tensor], path: str | Path, arch: dict[str
     payload = sum(m["bytes"] for m in layers.values())
     return {"file_bytes": size, "dense_fp32_bytes": dense_bytes, "ratio": dense_bytes / size,
             "payload_bytes": payload, "header_bytes": size - payload,
-            "min_csr_bitmask_bytes": sum(min(m["csr_bytes"], m["bitmask_bytes"])
-                                         for m in layers.values()),
+            "min_csr_bitmask_bytes": reference,
             "layers": layers}
 
 
