@@ -80,24 +80,24 @@ def test_imagefolder_errors(tmp_path):
         load_dataset("imagenet", data_dir=tmp_path)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sensprune", "train", *args], capture_output=True,
-                          text=True, timeout=600)
+def train_synthetic(tmp_path, dataset, val_size, batch_size):
+    """One epoch of ResNet-32 with the sensitivity method and a threshold, through the CLI."""
+    args = ["--model", "resnet32", "--dataset", dataset, "--data-dir", str(tmp_path),
+            "--val-size", str(val_size), "--batch-size", str(batch_size), "--epochs", "1",
+            "--lam", "1e-3", "--threshold", "0.01", "--no-progress", "--out", str(tmp_path / "run")]
+    r = subprocess.run([sys.executable, "-m", "sensprune", "train", *args], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
 
 
 def test_train_resnet32_on_synthetic_cifar(tmp_path):
     write_cifar(tmp_path)
-    r = run_cli("--model", "resnet32", "--dataset", "cifar10", "--data-dir", str(tmp_path),
-                "--val-size", "20", "--batch-size", "20", "--epochs", "1", "--lam", "1e-3",
-                "--threshold", "0.01", "--no-progress", "--out", str(tmp_path / "run"))
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = train_synthetic(tmp_path, "cifar10", 20, 20)
     assert "conv.weight" in r.stdout
 
 
 def test_train_on_synthetic_imagefolder(tmp_path):
     write_imagefolder(tmp_path)
-    r = run_cli("--model", "resnet32", "--dataset", "imagenet", "--data-dir", str(tmp_path),
-                "--val-size", "3", "--batch-size", "3", "--epochs", "1", "--lam", "1e-3",
-                "--threshold", "0.01", "--no-progress", "--out", str(tmp_path / "run"))
-    assert r.returncode == 0, r.stderr[-2000:]
+    train_synthetic(tmp_path, "imagenet", 3, 3)
     assert (tmp_path / "run" / "summary.json").exists()

@@ -29,6 +29,15 @@ class Pruner:
         self.params = params if params is not None else prunable_weights(model)
         self.optimizer = optimizer
         self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+        # parameters with at least one pruned entry: apply() skips the others, so the
+        # per-step cost is zero until the first threshold
+        self.pruned: set[str] = set()
+
+    def prune(self, name: str, keep: torch.Tensor) -> None:
+        """Remove the entries of parameter ``name`` where ``keep`` is False (masks only grow)."""
+        self.masks[name] &= keep
+        if not bool(self.masks[name].all()):
+            self.pruned.add(name)
 
     # -- thresholds ----------------------------------------------------------------------------
     def layer_thresholds(self, t: float, mode: str = "global") -> dict[str, float]:
@@ -50,7 +59,7 @@ class Pruner:
             raise ConfigError(f"threshold must be >= 0, got {t}")
         before = self.nonzero()
         for n, tn in self.layer_thresholds(t, mode).items():
-            self.masks[n] &= self.params[n].detach().abs() >= tn
+            self.prune(n, self.params[n].detach().abs() >= tn)
         self.apply()
         return before - self.nonzero()
 
@@ -58,8 +67,8 @@ class Pruner:
     def apply(self) -> None:
         """Zero pruned weights and the optimizer state at pruned positions (call after each
         optimizer step: momentum or Adam moments would otherwise revive them)."""
-        for n, p in self.params.items():
-            m = self.masks[n]
+        for n in self.pruned:
+            p, m = self.params[n], self.masks[n]
             p.mul_(m)
             if self.optimizer is not None:
                 for v in self.optimizer.state.get(p, {}).values():
@@ -138,7 +147,8 @@ class Pruner:
         for n, m in state["masks"].items():
             if n not in self.masks:
                 raise ConfigError(f"mask for unknown parameter {n!r}")
-            self.masks[n] = m.to(torch.bool).clone()
+            self.masks[n] = torch.ones_like(self.masks[n])
+            self.prune(n, m.to(torch.bool))
 
 
 def sparsity_report(model: nn.Module, include_biases: bool = False) -> dict:

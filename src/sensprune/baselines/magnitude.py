@@ -55,7 +55,7 @@ class GradualMagnitude(Method):
             return
         t = float(mags.kthvalue(k).values)
         for n, w in p.params.items():
-            p.masks[n] &= w.detach().abs() > t
+            p.prune(n, w.detach().abs() > t)
         p.apply()
 
     def end_phase(self) -> None:

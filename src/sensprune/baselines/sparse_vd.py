@@ -96,7 +96,7 @@ class SparseVD(Method):
             keep = _log_alpha(m) < LOG_ALPHA_THRESHOLD
             m.weight.mul_(keep)
             if self.pruner is not None and id(m.weight) in names:
-                self.pruner.masks[names[id(m.weight)]] &= keep
+                self.pruner.prune(names[id(m.weight)], keep)
             del m.log_sigma2
             m.__class__ = _BACK[type(m)]
         self.active = False
