@@ -73,3 +73,18 @@ def test_sparse_vd_round_trip_to_plain_layers():
     assert [n for n, _ in m.named_parameters()] == names
     assert type(m.fc1) is nn.Linear and type(m.conv1) is nn.Conv2d
     assert torch.count_nonzero(m.fc1.weight[:10]) == 0
+
+
+def test_reproduce_split_over_calls_reuses_finished_runs(tmp_path):
+    quiet = lambda *_: None  # noqa: E731
+    first = reproduce("lenet300", tmp_path, methods=["dense"], quick=True, log=quiet)
+    assert [r["run"] for r in first["rows"]] == ["trained"]
+    reproduce("lenet300", tmp_path, methods=["l2"], quick=True, log=quiet)
+    both = reproduce("lenet300", tmp_path, methods=["dense", "l2"], quick=True, log=quiet)
+    assert [r["run"] for r in both["rows"]] == ["reused", "reused"]
+    assert both["rows"][0]["test_error"] == first["rows"][0]["test_error"]
+    assert [r["label"] for r in json.loads((tmp_path / "table.json").read_text())["rows"]] == \
+        ["dense", "l2"]
+    # different settings in the same directory: trained again, not silently reused
+    again = reproduce("lenet300", tmp_path, methods=["dense"], quick=True, seed=1, log=quiet)
+    assert [r["run"] for r in again["rows"]] == ["trained"]

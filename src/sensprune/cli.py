@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, help="DataLoader workers (ImageFolder datasets)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
     t.add_argument("--no-amp", dest="amp", action="store_false", default=None,
-                   help="CUDA: no bfloat16 autocast / channels_last")
+                   help="CUDA: no bfloat16 autocast")
     t.add_argument("--out", help="run directory (summary.json, checkpoint.pt, ...)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -61,7 +61,7 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 = torch's default
     workers: int = 0  # DataLoader worker processes (ImageFolder datasets)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
-    amp: bool = True  # CUDA only: bfloat16 autocast, and channels_last for conv nets
+    amp: bool = True  # CUDA only: bfloat16 autocast
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":

@@ -4,6 +4,11 @@ An experiment recipe (``recipes/reproduce-<name>.toml``) has a ``[common]`` tabl
 data, epoch budget, optimizer) and one ``[methods.<label>]`` table per method. Every method
 gets the same data, network, seed and epoch budget; only its own settings differ.
 ``reproduce()`` trains each, then writes ``table.md``, ``table.json`` and ``pareto.png``.
+
+Runs are kept in ``OUT/<label>/``. A run whose ``summary.json`` was written with the same
+settings is reused, and an interrupted one resumes from its checkpoint, so an experiment can
+be split over several processes (``--methods a,b`` in one, ``--methods c`` in another) and a
+final ``reproduce`` over all methods only assembles the table.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import torch
 from . import __version__
 from .config import RECIPES_DIR, make_config
 from .data import load_dataset
-from .errors import ConfigError
-from .train import train, write_text_atomic
+from .errors import CheckpointError, ConfigError
+from .train import CHECKPOINT, load_checkpoint, train, write_text_atomic
 
 EXPERIMENTS = ("lenet300", "lenet5", "lenet5-fashion")
 
@@ -34,6 +39,9 @@ PUBLISHED = {
                ("Sparse VD (paper)", 280, 0.75)],
     "lenet5-fashion": [],
 }
+
+# Settings that do not change what a run computes; a finished run is reused across them.
+_NOT_RESULT = ("threads", "progress", "workers", "data_dir", "out")
 
 QUICK = {"limit_train": 2000, "val_size": 500, "epochs": 3, "warmup_epochs": 1,
          "finetune_epochs": 1, "threads": 0}
@@ -95,9 +103,15 @@ def reproduce(
         key = (cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
         if splits is None or splits[0] != key:
             splits = (key, load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train))
-        log(f"== {label}: {cfg.method} ({cfg.epochs} epochs)")
-        s = train(cfg, splits=splits[1], log=log)
-        rows.append({
+        s, how = _finished(cfg), "reused"
+        if s is None:
+            resume = _same_settings(cfg, _checkpoint_config(cfg))
+            how = "resumed" if resume else "trained"
+            log(f"== {label}: {cfg.method} ({cfg.epochs} epochs)" + (" -- resuming" if resume else ""))
+            s = train(cfg, resume=resume, splits=splits[1], log=log)
+        else:
+            log(f"== {label}: reusing the finished run in {cfg.out}")
+        rows.append({"run": how,
             "label": label, "method": cfg.method,
             "remaining_per_layer": s["remaining_per_layer"],
             "compression_ratio": s["compression_ratio"], "test_error": s["test_error"],
@@ -123,6 +137,33 @@ def reproduce(
     write_text_atomic(table_markdown(result), out / "table.md")
     plot_pareto(result, out / "pareto.png")
     return result
+
+
+def _same_settings(cfg, saved: dict | None) -> bool:
+    if not saved:
+        return False
+    now = cfg.to_dict()
+    return all(now.get(k) == saved.get(k) for k in set(now) | set(saved) if k not in _NOT_RESULT)
+
+
+def _finished(cfg) -> dict | None:
+    """The summary of a finished run of exactly these settings in cfg.out, if there is one."""
+    path = Path(cfg.out) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if _same_settings(cfg, summary.get("config")) else None
+
+
+def _checkpoint_config(cfg) -> dict | None:
+    path = Path(cfg.out) / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path).get("config")
+    except CheckpointError:  # unreadable: start that run again
+        return None
 
 
 def _slug(label: str) -> str:
