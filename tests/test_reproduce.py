@@ -88,3 +88,26 @@ def test_reproduce_split_over_calls_reuses_finished_runs(tmp_path):
     # different settings in the same directory: trained again, not silently reused
     again = reproduce("lenet300", tmp_path, methods=["dense"], quick=True, seed=1, log=quiet)
     assert [r["run"] for r in again["rows"]] == ["trained"]
+
+
+def test_prune_further_curve_matches_an_independent_count(tmp_path):
+    result = reproduce("lenet300", tmp_path, methods=["dense"], quick=True, log=lambda *_: None)
+    row = result["rows"][0]
+    assert [round(p["compression_ratio"], 1) for p in row["curve"]] == [1.5, 2.0, 3.0, 5.0, 8.0]
+    # recompute the 8x point by hand: keep the largest 1/8 of the weights, evaluate
+    from sensprune.data import load_dataset
+    from sensprune.models import build_model
+    from sensprune.train import evaluate
+    from sensprune.reproduce import QUICK
+    splits = load_dataset("mnist", None, QUICK["val_size"], QUICK["limit_train"])
+    model = build_model("lenet300")
+    model.load_state_dict(torch.load(tmp_path / "dense" / "model.pt"))
+    ws = [model.fc1.weight, model.fc2.weight, model.fc3.weight]
+    mags = torch.cat([w.detach().abs().flatten() for w in ws])
+    keep = int(mags.numel() / 8)
+    t = mags.sort(descending=True).values[keep - 1]
+    with torch.no_grad():
+        for w in ws:
+            w.mul_(w.abs() >= t)
+    assert row["curve"][-1]["test_error"] == evaluate(model, splits.test)[0]
+    assert "without retraining" in (tmp_path / "table.md").read_text()

@@ -27,7 +27,8 @@ from . import __version__
 from .config import RECIPES_DIR, make_config
 from .data import load_dataset
 from .errors import CheckpointError, ConfigError
-from .train import CHECKPOINT, load_checkpoint, train, write_text_atomic
+from .models import build_model, prunable_weights
+from .train import CHECKPOINT, evaluate, load_checkpoint, train, write_text_atomic
 
 EXPERIMENTS = ("lenet300", "lenet5", "lenet5-fashion")
 
@@ -111,7 +112,8 @@ def reproduce(
             s = train(cfg, resume=resume, splits=splits[1], log=log)
         else:
             log(f"== {label}: reusing the finished run in {cfg.out}")
-        rows.append({"run": how,
+        curve = prune_further_curve(cfg, Path(cfg.out) / "model.pt", splits[1])
+        rows.append({"run": how, "curve": curve,
             "label": label, "method": cfg.method,
             "remaining_per_layer": s["remaining_per_layer"],
             "compression_ratio": s["compression_ratio"], "test_error": s["test_error"],
@@ -137,6 +139,41 @@ def reproduce(
     write_text_atomic(table_markdown(result), out / "table.md")
     plot_pareto(result, out / "pareto.png")
     return result
+
+
+# Each final model is also magnitude-pruned further, without retraining, to these multiples
+# of its own compression: a cheap trade-off curve per method (how much of each method's
+# accuracy survives more pruning), drawn from each trained point in pareto.png.
+CURVE_MULTIPLES = (1.5, 2, 3, 5, 8)
+
+
+@torch.no_grad()
+def prune_further_curve(cfg, model_path: Path, splits,
+                        multiples: tuple[float, ...] = CURVE_MULTIPLES) -> list[dict]:
+    """[{compression_ratio, test_error, val_error}] of the saved model after zeroing its
+    smallest-magnitude surviving weights (one global threshold) to each multiple of its
+    compression. No retraining: a lower bound on what the method reaches at that sparsity."""
+    model = build_model(cfg.model, splits.info.num_classes, splits.info.input_shape)
+    model.load_state_dict(torch.load(model_path, map_location="cpu"))
+    if len(splits.info.input_shape) == 3:
+        model.to(memory_format=torch.channels_last)  # as in training: faster on CPU
+    weights = prunable_weights(model)
+    total = sum(w.numel() for w in weights.values())
+    kept = torch.cat([w[w != 0].abs() for w in weights.values()]).sort().values
+    original = {n: w.clone() for n, w in weights.items()}
+    curve = []
+    for m in multiples:
+        keep = int(len(kept) / m)
+        if keep < 1 or keep >= len(kept):
+            continue
+        t = float(kept[len(kept) - keep])  # the keep-th largest magnitude survives
+        for n, w in weights.items():
+            w.copy_(original[n] * (original[n].abs() >= t))
+        nonzero = sum(int(torch.count_nonzero(w)) for w in weights.values())
+        curve.append({"compression_ratio": total / max(nonzero, 1),
+                      "test_error": evaluate(model, splits.test)[0],
+                      "val_error": evaluate(model, splits.val)[0]})
+    return curve
 
 
 def _same_settings(cfg, saved: dict | None) -> bool:
@@ -187,6 +224,15 @@ def table_markdown(result: dict) -> str:
             f"{r['compression_ratio']:.1f}x", f"{r['test_error']:.2f}", f"{r['val_error']:.2f}",
             str(r["epochs"]), f"{r['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.get("curve") for r in rows):
+        lines += ["", "Each final model pruned further by one global magnitude threshold, "
+                  "without retraining (compression, test error %):", "",
+                  "| method | " + " | ".join(f"x{m:g}" for m in CURVE_MULTIPLES) + " |",
+                  "|---|" + "---|" * len(CURVE_MULTIPLES)]
+        for r in rows:
+            pts = [f"{p['compression_ratio']:.0f}x: {p['test_error']:.2f}" for p in r.get("curve", [])]
+            pts += ["–"] * (len(CURVE_MULTIPLES) - len(pts))
+            lines.append(f"| {r['label']} | " + " | ".join(pts) + " |")
     if result["published"]:
         lines += ["", "Published reference points (their own papers, not rerun here):", ""]
         lines += [f"- {p['label']}: {p['compression_ratio']}x at {p['test_error']}%"
@@ -196,7 +242,8 @@ def table_markdown(result: dict) -> str:
 
 
 def plot_pareto(result: dict, path: Path) -> Path | None:
-    """Test error against compression (log axis): one point per run, published markers."""
+    """Test error against compression (log axis): one point per run, a dotted line from it
+    for its further-pruned curve (no retraining), published points as black stars."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -211,9 +258,13 @@ def plot_pareto(result: dict, path: Path) -> Path | None:
     markers = "os^Dv<>pXh*"
     for i, (label, rs) in enumerate(series.items()):
         rs = sorted(rs, key=lambda r: r["compression_ratio"])
-        ax.plot([r["compression_ratio"] for r in rs], [r["test_error"] for r in rs],
-                marker=markers[i % len(markers)], linestyle="-" if len(rs) > 1 else "none",
-                label=label)
+        line, = ax.plot([r["compression_ratio"] for r in rs], [r["test_error"] for r in rs],
+                        marker=markers[i % len(markers)], linestyle="-" if len(rs) > 1 else "none",
+                        label=label)
+        for r in rs:  # pruned further without retraining: dotted, same colour
+            pts = [r] + r.get("curve", [])
+            ax.plot([p["compression_ratio"] for p in pts], [p["test_error"] for p in pts],
+                    linestyle=":", linewidth=1, color=line.get_color())
     for p in result["published"]:
         ax.scatter([p["compression_ratio"]], [p["test_error"]], marker="*", s=90, c="k")
         ax.annotate(p["label"], (p["compression_ratio"], p["test_error"]), fontsize=7,
