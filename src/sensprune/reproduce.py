@@ -217,7 +217,7 @@ def table_markdown(result: dict) -> str:
              f"Command: `{result.get('command')}`; seed {result.get('seed')}; "
              f"wall time {result['wall_seconds'] / 60:.1f} min; torch "
              f"{result['environment']['torch']}, {result['environment']['threads']} thread(s)."
-             if "command" in result else "", "",
+             + _reuse_note(rows) if "command" in result else "", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"]] + [f"{r['remaining_per_layer'][n]:.2f}" for n in layers] + [
@@ -239,6 +239,14 @@ def table_markdown(result: dict) -> str:
                   for p in result["published"]]
     lines.append("")
     return "\n".join(lines)
+
+
+def _reuse_note(rows: list[dict]) -> str:
+    reused = [r["label"] for r in rows if r.get("run") == "reused"]
+    if not reused:
+        return ""
+    return (f" Rows trained by earlier calls with the same settings and reused here: "
+            f"{', '.join(reused)} (their train s is their own training time).")
 
 
 def plot_pareto(result: dict, path: Path) -> Path | None:
