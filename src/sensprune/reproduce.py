@@ -13,6 +13,7 @@ final ``reproduce`` over all methods only assembles the table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
@@ -180,7 +181,11 @@ def _same_settings(cfg, saved: dict | None) -> bool:
     if not saved:
         return False
     now = cfg.to_dict()
-    return all(now.get(k) == saved.get(k) for k in set(now) | set(saved) if k not in _NOT_RESULT)
+    # a setting missing from an older run's config had its default then
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)
+                if f.default is not dataclasses.MISSING}
+    return all(now.get(k) == saved.get(k, defaults.get(k))
+               for k in set(now) | set(saved) if k not in _NOT_RESULT)
 
 
 def _finished(cfg) -> dict | None:
