@@ -1,0 +1,91 @@
+"""Check every committed result independently of the code that produced it.
+
+For each ``table.json`` under ``results/`` (or the directories given), loads each row's
+``model.pt`` into a fresh network, counts its zero weights and recomputes its test error on
+the test set read straight from the IDX files (own reader, no sensprune data code), then
+compares with the row. Prints one line per row; exits 1 on any mismatch.
+
+    python scripts/verify_results.py [results/lenet5 ...] [--data-dir ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sensprune.data import dataset_info
+from sensprune.models import build_model
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "src" / "sensprune" / "datasets"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    raw = gzip.open(path).read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def test_set(dataset: str, data_dir: Path | None):
+    for root in ([data_dir / dataset] if data_dir else []) + [EMBEDDED / dataset]:
+        if (root / "t10k-images-idx3-ubyte.gz").exists():
+            x = read_idx(root / "t10k-images-idx3-ubyte.gz").astype(np.float32) / 255.0
+            y = read_idx(root / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
+            info = dataset_info(dataset)
+            x = (x - info.mean[0]) / info.std[0]
+            return torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y)
+    raise SystemExit(f"no test set for {dataset}; pass --data-dir")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="*", default=["results"])
+    ap.add_argument("--include-quick", action="store_true", help="also check --quick tables")
+    ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    args = ap.parse_args()
+    tables = sorted(p for d in args.dirs for p in Path(d).rglob("table.json"))
+    bad = checked = 0
+    for table in tables:
+        result = json.loads(table.read_text())
+        if result.get("quick") and not args.include_quick:
+            continue
+        for row in result["rows"]:
+            run = table.parent / row["run_dir"]
+            if not (run / "model.pt").exists():
+                print(f"--  {run}: model not committed, not checked")
+                continue
+            cfg = json.loads((run / "summary.json").read_text())["config"]
+            x, y = test_set(cfg["dataset"], args.data_dir)
+            model = build_model(cfg["model"], 10, tuple(x.shape[1:]))
+            model.load_state_dict(torch.load(run / "model.pt", map_location="cpu"))
+            model.eval()
+            with torch.no_grad():
+                wrong = sum(int((model(xb).argmax(1) != yb).sum())
+                            for xb, yb in zip(x.split(1000), y.split(1000)))
+            err = 100.0 * wrong / len(y)
+            total = nonzero = 0
+            layers_ok = True
+            for name, pct in row["remaining_per_layer"].items():
+                w = model.state_dict()[name]
+                total += w.numel()
+                nonzero += int((w != 0).sum())
+                layers_ok &= abs(100.0 * int((w != 0).sum()) / w.numel() - pct) < 1e-6
+            ratio = total / max(nonzero, 1)
+            ok = (layers_ok and abs(err - row["test_error"]) < 1e-9
+                  and abs(ratio - row["compression_ratio"]) < 1e-6 * ratio)
+            checked += 1
+            bad += not ok
+            print(f"{'OK ' if ok else 'BAD'} {run}: {ratio:7.1f}x (table {row['compression_ratio']:.1f}x)"
+                  f"  test err {err:.2f}% (table {row['test_error']:.2f}%)")
+    print(f"{checked} rows checked, {bad} mismatches")
+    return 1 if bad or not checked else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

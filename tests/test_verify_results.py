@@ -1,0 +1,25 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sensprune.reproduce import reproduce
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "verify_results.py"
+
+
+def _verify(path):
+    return subprocess.run([sys.executable, str(SCRIPT), str(path), "--include-quick"],
+                          capture_output=True, text=True)
+
+
+def test_verify_script_accepts_true_rows_and_catches_a_wrong_one(tmp_path):
+    reproduce("lenet300", tmp_path, methods=["dense", "gmp"], quick=True, log=lambda *_: None)
+    ok = _verify(tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "2 rows checked, 0 mismatches" in ok.stdout
+    table = json.loads((tmp_path / "table.json").read_text())
+    table["rows"][1]["test_error"] -= 0.01  # a figure edited by hand
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    bad = _verify(tmp_path)
+    assert bad.returncode == 1 and "1 mismatches" in bad.stdout
