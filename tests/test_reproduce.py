@@ -15,8 +15,8 @@ from sensprune.reproduce import reproduce
 def test_quick_reproduce_writes_consistent_files(tmp_path):
     result = reproduce("lenet300", tmp_path, quick=True, log=lambda *_: None)
     labels = [r["label"] for r in result["rows"]]
-    assert labels == ["sensitivity", "sensitivity-long-finetune", "dense", "l2", "l1", "magnitude",
-                      "gmp", "sparse_vd"]
+    assert labels == ["sensitivity", "sensitivity-long-finetune", "sensitivity-cosine", "dense",
+                      "l2", "l1", "magnitude", "gmp", "sparse_vd"]
     on_disk = json.loads((tmp_path / "table.json").read_text())
     assert on_disk["rows"] == result["rows"]
     md = (tmp_path / "table.md").read_text()
