@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "network, data and epoch budget; write table.md, table.json, pareto.png.")
     rp.add_argument("experiment", help="lenet300, lenet5, lenet5-fashion, or a recipe file")
     rp.add_argument("--methods", help="comma-separated method labels (default: all in the recipe)")
-    rp.add_argument("--lam-sweep", help="comma-separated extra lambda values for the "
-                    "sensitivity method (one more run each)")
+    rp.add_argument("--lam-sweep", help="comma-separated extra lambda values for the recipe's "
+                    "'sensitivity' row (one more run each)")
     rp.add_argument("--quick", action="store_true",
                     help="the whole pipeline on a small subset in about a minute")
     rp.add_argument("--out", help="output directory (default: runs/reproduce-EXPERIMENT)")
