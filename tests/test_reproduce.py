@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ from sensprune.pruning import Pruner
 from sensprune.reproduce import reproduce
 
 
-def test_quick_reproduce_writes_consistent_files(tmp_path):
-    result = reproduce("lenet300", tmp_path, quick=True, log=lambda *_: None)
+def test_quick_reproduce_writes_consistent_files(quick_lenet300):
+    tmp_path, result = quick_lenet300
     labels = [r["label"] for r in result["rows"]]
     assert labels == ["sensitivity", "sensitivity-long-finetune", "sensitivity-cosine", "dense",
                       "l2", "l1", "magnitude", "gmp", "sparse_vd"]
@@ -76,14 +77,14 @@ def test_sparse_vd_round_trip_to_plain_layers():
     assert torch.count_nonzero(m.fc1.weight[:10]) == 0
 
 
-def test_reproduce_split_over_calls_reuses_finished_runs(tmp_path):
+def test_reproduce_split_over_calls_reuses_finished_runs(quick_lenet300, tmp_path):
     quiet = lambda *_: None  # noqa: E731
-    first = reproduce("lenet300", tmp_path, methods=["dense"], quick=True, log=quiet)
-    assert [r["run"] for r in first["rows"]] == ["trained"]
-    reproduce("lenet300", tmp_path, methods=["l2"], quick=True, log=quiet)
+    shutil.copytree(quick_lenet300[0], tmp_path, dirs_exist_ok=True)
+    first = {r["label"]: r for r in quick_lenet300[1]["rows"]}
     both = reproduce("lenet300", tmp_path, methods=["dense", "l2"], quick=True, log=quiet)
     assert [r["run"] for r in both["rows"]] == ["reused", "reused"]
-    assert both["rows"][0]["test_error"] == first["rows"][0]["test_error"]
+    assert [r["test_error"] for r in both["rows"]] == [first["dense"]["test_error"],
+                                                       first["l2"]["test_error"]]
     assert [r["label"] for r in json.loads((tmp_path / "table.json").read_text())["rows"]] == \
         ["dense", "l2"]
     # different settings in the same directory: trained again, not silently reused
@@ -91,9 +92,9 @@ def test_reproduce_split_over_calls_reuses_finished_runs(tmp_path):
     assert [r["run"] for r in again["rows"]] == ["trained"]
 
 
-def test_prune_further_curve_matches_an_independent_count(tmp_path):
-    result = reproduce("lenet300", tmp_path, methods=["dense"], quick=True, log=lambda *_: None)
-    row = result["rows"][0]
+def test_prune_further_curve_matches_an_independent_count(quick_lenet300):
+    tmp_path, result = quick_lenet300
+    row = next(r for r in result["rows"] if r["label"] == "dense")
     assert [round(p["compression_ratio"], 1) for p in row["curve"]] == [1.5, 2.0, 3.0, 5.0, 8.0]
     # recompute the 8x point by hand: keep the largest 1/8 of the weights, evaluate
     from sensprune.data import load_dataset
