@@ -11,6 +11,7 @@ compares with the row. Prints one line per row; exits 1 on any mismatch.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import sys
@@ -32,6 +33,7 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+@functools.lru_cache(maxsize=None)  # read each dataset once, not once per row
 def test_set(dataset: str, data_dir: Path | None):
     for root in ([data_dir / dataset] if data_dir else []) + [EMBEDDED / dataset]:
         if (root / "t10k-images-idx3-ubyte.gz").exists():
@@ -69,14 +71,12 @@ def main() -> int:
                 wrong = sum(int((model(xb).argmax(1) != yb).sum())
                             for xb, yb in zip(x.split(1000), y.split(1000)))
             err = 100.0 * wrong / len(y)
-            total = nonzero = 0
-            layers_ok = True
-            for name, pct in row["remaining_per_layer"].items():
-                w = model.state_dict()[name]
-                total += w.numel()
-                nonzero += int((w != 0).sum())
-                layers_ok &= abs(100.0 * int((w != 0).sum()) / w.numel() - pct) < 1e-6
-            ratio = total / max(nonzero, 1)
+            state = model.state_dict()
+            counts = {name: (int((state[name] != 0).sum()), state[name].numel())
+                      for name in row["remaining_per_layer"]}
+            layers_ok = all(abs(100.0 * nz / n - row["remaining_per_layer"][name]) < 1e-6
+                            for name, (nz, n) in counts.items())
+            ratio = sum(n for _, n in counts.values()) / max(sum(nz for nz, _ in counts.values()), 1)
             ok = (layers_ok and abs(err - row["test_error"]) < 1e-9
                   and abs(ratio - row["compression_ratio"]) < 1e-6 * ratio)
             checked += 1

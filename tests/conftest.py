@@ -28,8 +28,8 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def quick_lenet300(tmp_path_factory):
-    """One quick reproduce of every LeNet-300 method, shared by the reproduce and verify tests (read-only:
-    a test that changes files works on a copy)."""
+    """One quick reproduce of every LeNet-300 method, shared by the reproduce and verify
+    tests (read-only: a test that changes files works on a copy)."""
     from sensprune.reproduce import reproduce
     out = tmp_path_factory.mktemp("quick-lenet300")
     return out, reproduce("lenet300", out, quick=True, log=lambda *_: None)

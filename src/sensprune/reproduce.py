@@ -28,7 +28,7 @@ from . import __version__
 from .config import RECIPES_DIR, make_config
 from .data import load_dataset
 from .errors import CheckpointError, ConfigError
-from .models import build_model, prunable_weights
+from .models import build_model, prunable_weights, use_channels_last
 from .train import CHECKPOINT, evaluate, load_checkpoint, train, write_text_atomic
 
 EXPERIMENTS = ("lenet300", "lenet5", "lenet5-fashion")
@@ -116,8 +116,8 @@ def reproduce(
         else:
             log(f"== {label}: reusing the finished run in {cfg.out}")
         curve = prune_further_curve(cfg, Path(cfg.out) / "model.pt", splits[1])
-        rows.append({"run": how, "curve": curve,
-            "label": label, "method": cfg.method,
+        rows.append({
+            "run": how, "curve": curve, "label": label, "method": cfg.method,
             "remaining_per_layer": s["remaining_per_layer"],
             "compression_ratio": s["compression_ratio"], "test_error": s["test_error"],
             "val_error": s["val_error"], "nonzero_params": s["nonzero_params"],
@@ -158,8 +158,7 @@ def prune_further_curve(cfg, model_path: Path, splits,
     compression. No retraining: a lower bound on what the method reaches at that sparsity."""
     model = build_model(cfg.model, splits.info.num_classes, splits.info.input_shape)
     model.load_state_dict(torch.load(model_path, map_location="cpu"))
-    if len(splits.info.input_shape) == 3:
-        model.to(memory_format=torch.channels_last)  # as in training: faster on CPU
+    use_channels_last(model, splits.info.input_shape)  # as in training
     weights = prunable_weights(model)
     total = sum(w.numel() for w in weights.values())
     kept = torch.cat([w[w != 0].abs() for w in weights.values()]).sort().values
