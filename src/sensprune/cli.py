@@ -79,12 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-samples", type=int, help="unspecific kind with many classes: "
                    "estimate S from K outputs drawn per step (0: all, exact)")
     t.add_argument("--regularize", choices=["weights", "weights+biases", "all"])
+    t.add_argument("--normalize", choices=["none", "mean", "max", "quantile"],
+                   help="divide S by a per-layer statistic before max(0, 1 - beta*S) "
+                   "(none: the paper's literal form)")
+    t.add_argument("--beta", type=_nonneg_float, help="scale of S in max(0, 1 - beta*S/norm)")
+    t.add_argument("--quantile", type=_nonneg_float, help="--normalize quantile: which one (0-1)")
+    t.add_argument("--times-weight", action="store_true", default=None,
+                   help="insensitivity of |w|*S (the weight's contribution) instead of S")
+    t.add_argument("--sens-source", choices=["outputs", "loss"],
+                   help="outputs: the paper's dy/dw; loss: |dL/dw| (no extra cost)")
     t.add_argument("--threshold", help="'auto' (largest T within the validation budget), "
                    "'none', or a value T")
     t.add_argument("--threshold-mode", choices=["global", "layer"])
     t.add_argument("--val-budget", type=_nonneg_float,
                    help="auto threshold: allowed validation error increase, in points")
     t.add_argument("--prune-every", type=_positive_int, help="threshold every N epochs")
+    t.add_argument("--threshold-ref", choices=["epoch", "start", "best"],
+                   help="auto threshold's reference error: each epoch's own (epoch), the one "
+                   "measured when sparsification starts (start), or the lowest so far (best)")
+    t.add_argument("--prune-patience", type=int, help="prune only once the validation loss "
+                   "has not improved for N epochs (0: every due epoch)")
     t.add_argument("--target-sparsity", type=_nonneg_float, help="gmp: final sparsity (0-1)")
     t.add_argument("--finetune-lr", type=_nonneg_float, help="constant lr of the fine-tuning "
                    "phase (default: keep the schedule)")
@@ -107,6 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print a run's (or a reproduce directory's) table and "
                        "draw its plot")
     r.add_argument("run_dir")
+
+    ins = sub.add_parser("inspect", help="how the sensitivity and its decay are distributed "
+                         "per layer (table, histogram PNG)",
+                         description="S and the decay factor max(0, 1 - beta*S/norm) per layer "
+                         "of a trained run, on its first training images. Settings left out "
+                         "take the run's own.")
+    ins.add_argument("run", help="a run directory (model.pt + summary.json, or checkpoint.pt)")
+    ins.add_argument("--images", type=_positive_int, default=100)
+    ins.add_argument("--kind", choices=["specific", "unspecific"])
+    ins.add_argument("--outputs", choices=["logits", "probs"])
+    ins.add_argument("--reduction", choices=["sample", "batch"])
+    ins.add_argument("--normalize", choices=["none", "mean", "max", "quantile"])
+    ins.add_argument("--beta", type=_nonneg_float)
+    ins.add_argument("--quantile", type=_nonneg_float)
+    ins.add_argument("--times-weight", action="store_true", default=None)
+    ins.add_argument("--sens-source", dest="source", choices=["outputs", "loss"])
+    ins.add_argument("--png", help="histograms (default: RUN/sensitivity.png for a directory)")
+    ins.add_argument("--json", metavar="FILE", help="write the statistics as JSON")
+    ins.add_argument("--data-dir")
 
     ex = sub.add_parser("export", help="write a compact sparse file (and optionally ONNX)")
     ex.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
@@ -147,6 +180,7 @@ def cmd_train(args) -> int:
         "model", "dataset", "data_dir", "epochs", "batch_size", "limit_train", "val_size",
         "optimizer", "lr", "momentum", "weight_decay", "schedule", "seed", "method", "kind",
         "reduction", "outputs", "lam", "lam_lr_scaled", "sens_every", "output_samples", "regularize", "threshold",
+        "normalize", "beta", "quantile", "sens_source", "times_weight", "threshold_ref", "prune_patience",
         "threshold_mode", "val_budget", "prune_every", "target_sparsity", "finetune_lr", "warmup_epochs", "finetune_epochs", "threads", "workers", "device", "amp", "out")}
     if args.no_progress:
         overrides["progress"] = False
@@ -213,6 +247,24 @@ def cmd_report(args) -> int:
     if metrics:
         png = plot_run(metrics, Path(args.run_dir) / "curves.png")
         print(f"wrote {png}" if png else "(install matplotlib for curves.png)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .diagnose import inspect_run, table_markdown
+
+    run = Path(args.run)
+    png = args.png or (run / "sensitivity.png" if run.is_dir() else None)
+    result = inspect_run(run, images=args.images, png=png, data_dir=args.data_dir,
+                         **{k: getattr(args, k) for k in ("kind", "outputs", "reduction",
+                            "normalize", "beta", "quantile", "times_weight", "source")})
+    print(table_markdown(result))
+    if result.get("png"):
+        print(f"wrote {result['png']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v for k, v in result.items() if k != "_values"},
+                                              indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -286,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report,
                     "reproduce": cmd_reproduce, "export": cmd_export,
-                    "bench-infer": cmd_bench_infer}
+                    "bench-infer": cmd_bench_infer, "inspect": cmd_inspect}
         return commands[args.command](args)
     except SensPruneError as exc:
         print(f"sensprune: error: {exc}", file=sys.stderr)

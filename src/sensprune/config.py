@@ -44,12 +44,19 @@ class TrainConfig:
     sens_every: int = 1
     output_samples: int = 0  # unspecific with many classes: outputs drawn per step (0: all)
     regularize: str = "weights"  # weights | weights+biases | all
+    normalize: str = "none"  # S / per-layer norm before max(0, 1 - beta*S): none | mean | max | quantile
+    beta: float = 1.0  # scale of S in the insensitivity max(0, 1 - beta * S / norm)
+    quantile: float = 0.5  # normalize = "quantile": which quantile of S per layer
+    times_weight: bool = False  # insensitivity of |w|*S (contribution) instead of S
+    sens_source: str = "outputs"  # outputs (the paper's dy/dw) | loss (|dL/dw|, LOBSTER-style)
     warmup_epochs: int = 0  # plain training before the sparsification phase
     finetune_epochs: int = 0  # masks fixed, no regularization, at the end
     finetune_lr: float = 0.0  # learning rate of the fine-tuning phase (0: keep the schedule's)
     threshold: str | float = "auto"  # auto | none | a fixed value T
     threshold_mode: str = "global"  # global | layer
     val_budget: float = 0.1  # auto threshold: allowed val error increase, in points
+    threshold_ref: str = "epoch"  # auto threshold's reference error: epoch (that epoch's own) | start (once, when sparsification starts) | best (lowest so far)
+    prune_patience: int = 0  # prune only once the val loss has not improved for N epochs (0: every due epoch)
     prune_every: int = 1  # threshold at every N-th epoch end of the sparsification phase
     # baselines
     target_sparsity: float = 0.95  # gmp: final fraction of weights removed
@@ -74,6 +81,9 @@ class TrainConfig:
             "outputs": ("logits", "probs"),
             "regularize": ("weights", "weights+biases", "all"),
             "threshold_mode": ("global", "layer"),
+            "normalize": ("none", "mean", "max", "quantile"),
+            "sens_source": ("outputs", "loss"),
+            "threshold_ref": ("epoch", "start", "best"),
             "device": ("auto", "cpu", "cuda"),
         }
         for key, allowed in choices.items():
@@ -86,6 +96,11 @@ class TrainConfig:
         for key in ("lr", "lam", "weight_decay", "val_budget", "momentum"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not self.beta > 0 or not 0 < self.quantile <= 1:
+            raise ConfigError(f"beta must be > 0 and quantile in (0, 1]; got beta={self.beta}, "
+                              f"quantile={self.quantile}")
+        if self.prune_patience < 0:
+            raise ConfigError(f"prune_patience must be >= 0, got {self.prune_patience}")
         if self.warmup_epochs < 0 or self.finetune_epochs < 0:
             raise ConfigError("warmup_epochs and finetune_epochs must be >= 0")
         if self.warmup_epochs + self.finetune_epochs > self.epochs:

@@ -13,6 +13,15 @@ Use it in any training loop::
 
 The decay is applied after the optimizer's update (decoupled, as AdamW does with weight decay),
 so it composes with SGD, momentum, Adam or anything else without touching their state.
+
+How S becomes a decay (``insensitivity``): the paper's literal form is max(0, 1 - S). With
+logit outputs S is far below 1 for almost every weight (LeNet-300: median 0.03), so that form
+decays nearly every weight at the full rate, which is plain weight decay. ``normalize`` divides
+S by a per-layer statistic (its mean, max or a quantile) before the clamp, and ``beta`` scales
+it: max(0, 1 - beta * S / norm_l). With ``normalize="mean"`` a weight at least as sensitive as
+its layer's average is not decayed at all and the least sensitive ones decay at the full rate.
+``source="loss"`` uses |dL/dw| of the batch (the authors' later loss-based sensitivity,
+LOBSTER) instead of the output derivatives: it costs nothing beyond the ordinary backward.
 """
 
 from __future__ import annotations
@@ -24,6 +33,32 @@ import torch
 import torch.nn as nn
 
 from .sensitivity import LayerRecorder, alpha_matrix, check_options, compute, sensitivity
+
+NORMALIZE = ("none", "mean", "max", "quantile")
+SOURCES = ("outputs", "loss")
+
+
+def insensitivity(s: torch.Tensor, normalize: str = "none", beta: float = 1.0,
+                  quantile: float = 0.5, out: bool = False) -> torch.Tensor:
+    """max(0, 1 - beta * S / norm) for one parameter's S, with norm = 1 (``"none"``, the
+    paper's form) or a statistic of this S (``"mean"``, ``"max"``, ``"quantile"``).
+    ``out=True`` works in place on ``s``."""
+    v = s if out else s.clone()
+    if normalize == "none":
+        norm = 1.0
+    elif normalize == "mean":
+        norm = float(v.mean())
+    elif normalize == "max":
+        norm = float(v.max()) if v.numel() else 0.0
+    elif normalize == "quantile":
+        flat = v.flatten().float()
+        k = min(flat.numel(), max(1, int(round(quantile * flat.numel()))))
+        norm = float(flat.kthvalue(k).values) if flat.numel() else 0.0
+    else:
+        raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if norm <= 0:  # no signal at all in this layer: every weight is insensitive
+        return v.zero_().add_(1.0)
+    return v.mul_(-beta / norm).add_(1.0).clamp_(min=0.0)
 from .baselines import Method
 from .distributed import active as dist_active
 from .errors import ConfigError
@@ -64,6 +99,13 @@ class SensitivityRegularizer(Method):
             (default: whenever torch.distributed is initialized with more than one rank).
         output_samples: unspecific kind with many classes: estimate S from K outputs drawn
             per step (unbiased; the draw is seeded by ``seed``, identical on every rank).
+        normalize, beta, quantile: how S becomes the decay factor, see :func:`insensitivity`
+            (defaults: the paper's max(0, 1 - S)).
+        source: ``"outputs"`` (the paper's S = sum_k alpha_k |dy_k/dw|) or ``"loss"``
+            (S = |dL/dw| of the batch, read from ``p.grad`` after the backward: no extra cost).
+        times_weight: use |w| * S (the weight's first-order contribution to the output, or
+            to the loss) in place of S: a small weight the output is sensitive to is not
+            protected, a large one that carries the output is.
     """
 
     name = "sensitivity"
@@ -84,8 +126,21 @@ class SensitivityRegularizer(Method):
         distributed: bool | None = None,
         output_samples: int | None = None,
         seed: int = 0,
+        normalize: str = "none",
+        beta: float = 1.0,
+        quantile: float = 0.5,
+        source: str = "outputs",
+        times_weight: bool = False,
     ):
         check_options(kind, reduction, outputs)
+        if normalize not in NORMALIZE:
+            raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        if source not in SOURCES:
+            raise ConfigError(f"source must be one of {SOURCES}, got {source!r}")
+        if not beta > 0:
+            raise ConfigError(f"beta must be > 0, got {beta}")
+        if not 0 < quantile <= 1:
+            raise ConfigError(f"quantile must be in (0, 1], got {quantile}")
         if lam < 0:
             raise ConfigError(f"lam must be >= 0, got {lam}")
         if every < 1:
@@ -101,6 +156,8 @@ class SensitivityRegularizer(Method):
         self.lr_scaled = lr_scaled
         self.distributed = distributed
         self.output_samples = output_samples
+        self.normalize, self.beta, self.quantile, self.source = normalize, float(beta), quantile, source
+        self.times_weight = times_weight
         self.generator = torch.Generator().manual_seed(seed)
         self.insensitivity: dict[str, torch.Tensor] = {}
         self.steps = 0
@@ -114,7 +171,7 @@ class SensitivityRegularizer(Method):
     def observe(self, targets: torch.Tensor | None = None):
         """Wrap the training forward: the sensitivity is computed from that same forward
         (its outputs stay usable for the loss and its backward)."""
-        if not self.due() or self.lam == 0:
+        if not self.due() or self.lam == 0 or self.source == "loss":
             yield
             return
         with LayerRecorder(self.model, record_layers=self.reduction == "sample") as rec:
@@ -132,6 +189,7 @@ class SensitivityRegularizer(Method):
                               generator=self.generator))
 
     def _from_output(self, logits, targets, rec):
+        logits = logits.float()  # under autocast: alpha, softmax and S in float32
         y = torch.softmax(logits, dim=-1) if self.outputs == "probs" and logits.dim() == 2 else logits
         alpha = alpha_matrix(y, targets, self.kind, self.output_samples, self.generator)
         dist_on = dist_active() if self.distributed is None else self.distributed
@@ -140,7 +198,10 @@ class SensitivityRegularizer(Method):
 
     def _set(self, s: dict[str, torch.Tensor]) -> None:
         # in place: S is a fresh tensor, and large allocations cost more than the arithmetic
-        self.insensitivity = {n: v.neg_().add_(1.0).clamp_(min=0.0) for n, v in s.items()}
+        if self.times_weight:  # |w| S: the weight's first-order contribution to the output
+            s = {n: v.mul_(self.params[n].detach().abs()) for n, v in s.items()}
+        self.insensitivity = {n: insensitivity(v, self.normalize, self.beta, self.quantile, out=True)
+                              for n, v in s.items()}
 
     # -- the update ----------------------------------------------------------------------------
     def effective_lam(self) -> float:
@@ -153,10 +214,15 @@ class SensitivityRegularizer(Method):
         """Apply the decay with the latest sensitivity; call after ``optimizer.step()``."""
         self.steps += 1
         lam = self.effective_lam()
+        if self.source == "loss" and lam != 0 and (self.steps - 1) % self.every == 0:
+            # |dL/dw| of this batch (already reduced over DDP ranks by the backward)
+            self._set({n: p.grad.detach().abs() for n, p in self.params.items()
+                       if p.grad is not None})
         if lam == 0 or not self.insensitivity:
             return
         for name, p in self.params.items():
-            p.addcmul_(p, self.insensitivity[name], value=-lam)
+            if name in self.insensitivity:
+                p.addcmul_(p, self.insensitivity[name], value=-lam)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "insensitivity": self.insensitivity, "lam": self.lam}

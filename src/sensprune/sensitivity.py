@@ -231,6 +231,8 @@ def _fast_layer(mod: nn.Module, a: torch.Tensor, delta: torch.Tensor, weight: fl
     """S of (weight, bias) of one Linear/Conv layer from its input a (B, ...) and the
     output derivatives delta (K, B, ...) of K output rows, each scaled by ``weight``."""
     k, b = delta.shape[:2]
+    # under autocast a and delta are bf16/fp16: S is accumulated in float32
+    a, delta = a.float(), delta.float()
     if isinstance(mod, nn.Linear):
         a = a.reshape(b, -1, a.shape[-1])
         d = delta.reshape(k, b, -1, delta.shape[-1])
@@ -374,6 +376,7 @@ def sensitivity(
     try:
         with torch.enable_grad(), LayerRecorder(model, record_layers=reduction == "sample") as rec:
             logits = model(inputs)
+        logits = logits.float()  # under autocast: alpha, softmax and S in float32
         y = torch.softmax(logits, dim=-1) if outputs == "probs" and logits.dim() == 2 else logits
         alpha = alpha_matrix(y, targets, kind, output_samples, generator)
         return compute(model, y, alpha, named, kind, reduction, rec)
