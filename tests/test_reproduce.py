@@ -113,3 +113,19 @@ def test_prune_further_curve_matches_an_independent_count(quick_lenet300):
             w.mul_(w.abs() >= t)
     assert row["curve"][-1]["test_error"] == evaluate(model, splits.test)[0]
     assert "without retraining" in (tmp_path / "table.md").read_text()
+
+
+def test_reproduce_seeds_adds_runs_and_their_mean(tmp_path):
+    res = reproduce("lenet300", tmp_path, methods=["dense", "l2"], quick=True, seeds=[0, 1],
+                    log=lambda *_: None)
+    labels = [r["label"] for r in res["rows"]]
+    assert labels == ["dense", "dense-s1", "l2", "l2-s1"]
+    assert [r["seed"] for r in res["rows"]] == [0, 1, 0, 1]
+    s0 = json.loads((tmp_path / "l2" / "summary.json").read_text())
+    s1 = json.loads((tmp_path / "l2-s1" / "summary.json").read_text())
+    assert s0["config"]["seed"] == 0 and s1["config"]["seed"] == 1
+    md = (tmp_path / "table.md").read_text()
+    mean_err = (s0["test_error"] + s1["test_error"]) / 2
+    std = abs(s0["test_error"] - s1["test_error"]) / 2 ** 0.5
+    assert f"| l2 | 0,1 | {(s0['compression_ratio'] + s1['compression_ratio']) / 2:.1f}x |" in md
+    assert f"| {mean_err:.2f} | {std:.2f} |" in md

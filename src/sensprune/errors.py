@@ -1,5 +1,5 @@
 """User-facing errors: one line, naming the problem and the fix. The CLI prints them without a
-traceback and exits with status 2."""
+traceback and exits with status 2 (1 for a run that diverged)."""
 
 
 class SensPruneError(Exception):
@@ -16,3 +16,7 @@ class ConfigError(SensPruneError):
 
 class CheckpointError(SensPruneError):
     """A checkpoint or exported model cannot be read."""
+
+
+class TrainingDiverged(SensPruneError):
+    """The loss or the weights became NaN or infinite; the last good checkpoint is kept."""

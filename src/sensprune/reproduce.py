@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 import sys
 import time
 import tomllib
@@ -72,9 +73,15 @@ def reproduce(
     lam_sweep: list[float] | None = None,
     data_dir: str | None = None,
     seed: int | None = None,
+    seeds: list[int] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train every selected method of ``experiment`` and write the comparison table."""
+    """Train every selected method of ``experiment`` and write the comparison table.
+
+    ``seeds``: train every selected row once per seed; a row's run for a seed other than its
+    recipe's is labelled ``<label>-s<seed>``, and table.md gains the mean over seeds."""
+    if seed is not None and seeds:
+        raise ConfigError("give either --seed or --seeds, not both")
     common, table = load_experiment(experiment)
     chosen = list(table) if not methods else methods
     unknown = [m for m in chosen if m not in table]
@@ -88,6 +95,9 @@ def reproduce(
         # than lambda (an lr-scaled lambda is on another scale altogether)
         if lam_sweep and label == "sensitivity":
             runs += [(f"{label} lam={lam:g}", {**table[label], "lam": lam}) for lam in lam_sweep]
+    if seeds:
+        runs = [(label if sd == settings.get("seed", common.get("seed", 0)) else f"{label}-s{sd}",
+                 {**settings, "seed": sd}) for label, settings in runs for sd in seeds]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -124,6 +134,7 @@ def reproduce(
             "total_params": s["total_params"], "train_seconds": s["train_seconds"],
             "epochs": s["epochs"], "run_dir": str(Path(cfg.out).relative_to(out)),
             "lam": cfg.lam if cfg.method in ("sensitivity", "l1", "l2") else None,
+            "seed": cfg.seed,
         })
     result = {
         "experiment": experiment, "quick": quick, "rows": rows,
@@ -230,6 +241,18 @@ def table_markdown(result: dict) -> str:
             f"{r['compression_ratio']:.1f}x", f"{r['test_error']:.2f}", f"{r['val_error']:.2f}",
             str(r["epochs"]), f"{r['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    groups = seed_groups(rows)
+    if any(len(g) > 1 for g in groups.values()):
+        lines += ["", "Mean over seeds (rows named `<label>-s<seed>` join `<label>`; compression "
+                  "as the mean and the range, test error as the mean and the sample std):", "",
+                  "| method | seeds | compression | range | test err % | std |",
+                  "|---|---|---|---|---|---|"]
+        for label, g in groups.items():
+            lines.append(f"| {label} | {','.join(str(r.get('seed', '?')) for r in g)} | "
+                         f"{g_mean(g, 'compression_ratio'):.1f}x | "
+                         f"{min(r['compression_ratio'] for r in g):.1f}–"
+                         f"{max(r['compression_ratio'] for r in g):.1f}x | "
+                         f"{g_mean(g, 'test_error'):.2f} | {g_std(g, 'test_error'):.2f} |")
     if any(r.get("curve") for r in rows):
         lines += ["", "Each final model pruned further by one global magnitude threshold, "
                   "without retraining (compression, test error %):", "",
@@ -245,6 +268,25 @@ def table_markdown(result: dict) -> str:
                   for p in result["published"]]
     lines.append("")
     return "\n".join(lines)
+
+
+def seed_groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by label, with a trailing ``-s<seed>`` removed (in table order)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(re.sub(r"-s\d+$", "", r["label"]), []).append(r)
+    return groups
+
+
+def g_mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def g_std(rows: list[dict], key: str) -> float:
+    if len(rows) < 2:
+        return 0.0
+    m = g_mean(rows, key)
+    return (sum((r[key] - m) ** 2 for r in rows) / (len(rows) - 1)) ** 0.5
 
 
 def _reuse_note(rows: list[dict]) -> str:

@@ -24,7 +24,7 @@ from . import __version__
 from . import distributed as ddp
 from .config import TrainConfig
 from .data import Splits, batches, load_dataset, num_samples
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingDiverged
 from .models import build_model, use_channels_last
 from .pruning import Pruner, sparsity_report
 from .baselines import make_method
@@ -222,7 +222,13 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
             if active:
                 method.step()
             pruner.apply()
-            loss_sum += float(loss_sum_batch.detach())
+            # one sync per step, needed anyway for the running loss. Checked after the step, so
+            # that under DDP every rank has finished its all-reduce before any of them stops
+            batch_loss = float(loss_sum_batch.detach())
+            if not math.isfinite(batch_loss):
+                raise _diverged(cfg, out, epoch, f"step {seen // max(len(y), 1) + 1}",
+                                "the loss is " + str(batch_loss))
+            loss_sum += batch_loss
             wrong += int((logits.argmax(1) != y).sum())
             seen += len(y)
             if bar is not None and (seen // max(len(y), 1)) % 20 == 0:
@@ -266,6 +272,9 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
             method.end_phase()
         state["train_seconds"] += time.perf_counter() - t0
 
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:  # before the checkpoint: the last good one stays on disk
+            raise _diverged(cfg, out, epoch, "its end", f"{bad[0]} holds NaN or inf values")
         state["epoch"] = epoch + 1
         if info.is_main:
             val_err, _ = evaluate(model, splits.val)
@@ -280,7 +289,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
                 "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
             }
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
             log(f"epoch {epoch + 1:3d}/{cfg.epochs} {phase:8s} loss {record['train_loss']:.4f} "
                 f"val {val_err:5.2f}% test {test_err:5.2f}% remaining "
                 f"{sp['remaining_percent']:6.2f}% ({sp['compression_ratio']:.1f}x)"
@@ -296,6 +305,14 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
             return {"stopped_at_epoch": epoch + 1}
 
     return finish(cfg, model, splits, state, out) if info.is_main else {"rank": info.rank}
+
+
+def _diverged(cfg: TrainConfig, out: Path, epoch: int, where: str, what: str) -> TrainingDiverged:
+    kept = (f"the checkpoint of epoch {epoch} in {out} is kept" if epoch and
+            (out / CHECKPOINT).exists() else "no checkpoint was written")
+    return TrainingDiverged(
+        f"training diverged at epoch {epoch + 1}, {where}: {what}; {kept}. Lower --lr "
+        f"(now {cfg.lr:g}) or --lam (now {cfg.lam:g}) and train again")
 
 
 def _plateaued(state: dict, val_loss: float, patience: int) -> bool:
@@ -342,6 +359,6 @@ def finish(cfg: TrainConfig, model: nn.Module, splits: Splits, state: dict, out:
         "versions": {"sensprune": __version__, "torch": torch.__version__},
     }
     save_atomic(model.state_dict(), out / "model.pt")
-    write_text_atomic(json.dumps(summary, indent=2) + "\n", out / "summary.json")
+    write_text_atomic(json.dumps(summary, indent=2, allow_nan=False) + "\n", out / "summary.json")
     write_text_atomic(summary_markdown(summary), out / "summary.md")
     return summary

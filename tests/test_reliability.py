@@ -1,0 +1,70 @@
+"""Divergence stops the run (exit 1, last good checkpoint kept), and bad values are refused
+before any work starts (exit 2, one line): issue 12."""
+
+import json
+
+import pytest
+import torch
+
+from sensprune import make_config
+from sensprune.errors import ConfigError
+
+from test_cli import assert_usage_error, run
+
+SMALL = ["--model", "lenet300", "--limit-train", "2000", "--val-size", "500", "--no-progress"]
+
+
+def test_divergence_stops_at_once_with_exit_1(tmp_path):
+    r = run("train", *SMALL, "--epochs", "3", "--lr", "1e6", "--out", str(tmp_path / "a"))
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "diverged at epoch 1" in lines[0] and "--lr" in lines[0]
+    assert not (tmp_path / "a" / "model.pt").exists()  # no NaN model is written
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "b"
+    r = run("train", *SMALL, "--epochs", "3", "--warmup-epochs", "1", "--lam", "1e9",
+            "--out", str(out))
+    assert r.returncode == 1 and "diverged at epoch 2" in r.stderr, r.stderr
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["epoch"] == 1
+    assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values())
+    for line in (out / "metrics.jsonl").read_text().splitlines():  # strict JSON
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-finite {c} in metrics"))
+    assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--lr", "nan"], "finite"),
+    (["--lr", "inf"], "finite"),
+    (["--momentum", "nan"], "finite"),
+    (["--lam=-inf"], "finite"),
+    (["--threshold", "nan"], "threshold"),
+    (["--val-size", "0"], "validation set"),
+    (["--threads", "-1"], "threads"),
+])
+def test_non_finite_and_out_of_range_options(args, needle):
+    assert_usage_error(run("train", *args), needle)
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('epochs = "ten"', "epochs must be int"),
+    ('lr = "0.1"', "lr must be float"),
+    ("batch_size = 100.5", "batch_size must be int"),
+    ('amp = "yes"', "amp must be bool"),
+])
+def test_recipe_values_of_the_wrong_type(tmp_path, line, needle):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(line + "\n")
+    assert_usage_error(run("train", "--recipe", str(recipe)), needle)
+
+
+def test_default_learning_rate_per_model_and_optimizer():
+    assert make_config(model="lenet5").lr == 0.02
+    assert make_config(model="lenet300").lr == 0.05
+    assert make_config(model="lenet5", optimizer="adam").lr == 1e-3
+    assert make_config(model="lenet5", lr=0.3).lr == 0.3
+    with pytest.raises(ConfigError, match="finite"):
+        make_config(beta=float("inf"))
