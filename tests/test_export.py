@@ -130,3 +130,89 @@ def test_sparse_linear_kernels_agree():
         torch.testing.assert_close(sl.dense_forward(x), ref, atol=1e-5, rtol=1e-5)
     m = to_sparse_inference(torch.nn.Sequential(torch.nn.Linear(80, 50)), kernels="auto")
     assert isinstance(m[0], SparseLinear) and len(m[0].use_sparse) == 2
+
+
+def _rewrite_header(f, edit):
+    """Re-save the file with its JSON header changed by ``edit`` (arrays untouched)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    with safe_open(str(f), framework="numpy") as h:
+        meta = json.loads(h.metadata()["sensprune"])
+        arrays = {k: h.get_tensor(k) for k in h.keys()}
+    edit(meta)
+    save_file(arrays, str(f), metadata={"sensprune": json.dumps(meta)})
+
+
+def _first_scaled_layer(meta):
+    return next(m for m in meta["layers"].values() if m.get("scale") is not None)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["layers"]["fc1.weight"].__setitem__("shape", [784, 300]),
+    lambda m: m["layers"].pop("fc2.weight"),
+    lambda m: m["arch"].__setitem__("num_classes", 11),
+    lambda m: m.pop("sha256_all"),
+])
+def test_header_edits_are_caught(tmp_path, edit):
+    f = _exported(tmp_path)
+    _rewrite_header(f, edit)
+    with pytest.raises(CheckpointError, match="checksum|no checksum"):
+        read(f)
+
+
+def test_int8_scale_edit_is_caught(tmp_path):
+    m, _ = pruned("lenet300")
+    f = tmp_path / "q.safetensors"
+    export(m.state_dict(), f, {"model": "lenet300", "num_classes": 10, "input_shape": [1, 28, 28]},
+           values="int8")
+    _rewrite_header(f, lambda meta: _first_scaled_layer(meta).__setitem__(
+        "scale", _first_scaled_layer(meta)["scale"] * 1.1))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        read(f)
+
+
+def test_malformed_header_with_a_valid_checksum_gives_a_package_error(tmp_path):
+    """Someone who recomputes the checksum by hand still gets a one-line package error."""
+    from sensprune.export import _digest, load
+
+    f = _exported(tmp_path)
+
+    def break_it(meta):
+        meta["layers"]["fc1.weight"]["shape"] = "not a shape"
+        meta["arch"]["model"] = "no-such-model"
+        from safetensors import safe_open
+        with safe_open(str(f), framework="numpy") as h:
+            arrays = {k: h.get_tensor(k) for k in h.keys()}
+        meta["sha256_all"] = _digest(arrays, meta)
+    _rewrite_header(f, break_it)
+    with pytest.raises(CheckpointError):
+        load(f)
+
+
+def test_fuzzed_bytes_never_raise_raw_errors(tmp_path):
+    """Random byte flips anywhere in the file: either a CheckpointError or (a flip that
+    changes nothing the loader reads) an intact model; never another exception type."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from sensprune.export import load
+    good = _exported(tmp_path).read_bytes()
+    target = tmp_path / "fuzz.safetensors"
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None)
+    @given(st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(1, 255)),
+                    min_size=1, max_size=4), st.booleans())
+    def check(flips, cut):
+        blob = bytearray(good)
+        for i, x in flips:
+            blob[i] ^= x
+        if cut:
+            blob = blob[: flips[0][0]]
+        target.write_bytes(bytes(blob))
+        try:
+            load(target)
+        except CheckpointError:
+            pass
+    check()

@@ -168,8 +168,13 @@ def _decode_tensor(name: str, meta: dict, arrays: dict[str, np.ndarray]) -> torc
     return torch.from_numpy(out.reshape(shape))
 
 
-def _digest(arrays: dict[str, np.ndarray]) -> str:
+def _digest(arrays: dict[str, np.ndarray], header: dict | None = None) -> str:
+    """SHA-256 of the arrays and, when given, of the header (canonical JSON, without its
+    checksum fields): an edited scale, shape or layer list is caught like a flipped byte."""
     h = hashlib.sha256()
+    if header is not None:
+        meta = {k: v for k, v in header.items() if k not in ("sha256", "sha256_all")}
+        h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
     for k in sorted(arrays):
         h.update(k.encode())
         h.update(np.ascontiguousarray(arrays[k]).tobytes())
@@ -200,8 +205,8 @@ def export(state_dict: dict[str, torch.Tensor], path: str | Path, arch: dict[str
         layers[name] = meta
         arrays.update(arr)
         dense_bytes += t.numel() * 4
-    header = {"format": FORMAT, "arch": arch, "values": values, "layers": layers,
-              "sha256": _digest(arrays), **(extra or {})}
+    header = {"format": FORMAT, "arch": arch, "values": values, "layers": layers, **(extra or {})}
+    header["sha256_all"] = _digest(arrays, header)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(arrays, str(tmp), metadata={"sensprune": json.dumps(header, separators=(",", ":"))})
@@ -231,11 +236,25 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except Exception as exc:  # safetensors raises its own error types for torn files
         raise CheckpointError(f"{p}: truncated or corrupt file ({type(exc).__name__}: "
                               f"{str(exc)[:80]}); export it again") from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{p}: unsupported format {header.get('format')!r}")
-    if _digest(arrays) != header["sha256"]:
-        raise CheckpointError(f"{p}: checksum mismatch, the file is corrupt; export it again")
-    state = {n: _decode_tensor(n, m, arrays) for n, m in header["layers"].items()}
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise CheckpointError(f"{p}: unsupported format {found!r}")
+    if "sha256_all" in header:  # header and payload
+        ok = _digest(arrays, header) == header["sha256_all"]
+    elif "sha256" in header:  # files written before the header was covered: payload only
+        ok = _digest(arrays) == header["sha256"]
+    else:
+        raise CheckpointError(f"{p}: the header has no checksum; export it again")
+    if not ok:
+        raise CheckpointError(f"{p}: checksum mismatch, the file is corrupt or was edited; "
+                              "export it again")
+    try:
+        state = {n: _decode_tensor(n, m, arrays) for n, m in header["layers"].items()}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a checksum can be recomputed by hand: still no raw errors
+        raise CheckpointError(f"{p}: malformed header ({type(exc).__name__}: {str(exc)[:80]}); "
+                              "export it again") from None
     return header, state
 
 
@@ -318,9 +337,13 @@ def choose_kernels(model: nn.Module, batch_sizes=(1, 64), reps: int = 30) -> dic
 def build_from_export(header: dict, state: dict[str, torch.Tensor]) -> nn.Module:
     from .models import build_model
 
-    arch = header["arch"]
-    model = build_model(arch["model"], arch["num_classes"], tuple(arch["input_shape"]))
-    model.load_state_dict(state)
+    try:
+        arch = header["arch"]
+        model = build_model(arch["model"], arch["num_classes"], tuple(arch["input_shape"]))
+        model.load_state_dict(state)
+    except Exception as exc:  # missing keys, unknown model, shapes that do not fit
+        raise CheckpointError(f"the export's architecture does not match its tensors "
+                              f"({type(exc).__name__}: {str(exc)[:80]}); export it again") from None
     return model.eval()
 
 
