@@ -68,3 +68,36 @@ def test_default_learning_rate_per_model_and_optimizer():
     assert make_config(model="lenet5", lr=0.3).lr == 0.3
     with pytest.raises(ConfigError, match="finite"):
         make_config(beta=float("inf"))
+
+
+def test_run_directory_is_protected(tmp_path):
+    out = str(tmp_path / "run")
+    args = ["train", *SMALL, "--epochs", "1", "--limit-train", "600", "--out", out]
+    assert run(*args).returncode == 0
+    assert_usage_error(run(*args), "holds another run")
+    assert_usage_error(run(*args, "--resume", "--lr", "0.3"), "lr = 0.05 there, 0.3 now")
+    first = (tmp_path / "run" / "metrics.jsonl").read_text()
+    r = run(*args, "--overwrite", "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and lines[0] != first.strip()  # replaced, not interleaved
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["seed"] == 7
+
+
+def test_lock_stale_temp_files_and_failed_start(tmp_path):
+    from sensprune.rundir import claim
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / ".checkpoint.pt.tmp4242").write_bytes(b"x" * 100)  # a killed checkpoint write
+    with claim(d):
+        assert not (d / ".checkpoint.pt.tmp4242").exists()
+        with pytest.raises(ConfigError, match="another sensprune run"):
+            with claim(d, resume=True):
+                pass
+    with claim(d):  # released at exit
+        pass
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        with claim(fresh):
+            raise RuntimeError("the data could not be read")
+    assert not fresh.exists()  # no empty directory left behind

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: no bfloat16 autocast")
     t.add_argument("--out", help="run directory (summary.json, checkpoint.pt, ...)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run that OUT holds (default: refuse)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on the test set")
@@ -197,7 +199,7 @@ def cmd_train(args) -> int:
     from .distributed import cleanup
 
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     finally:
         cleanup()
     if "test_error" in summary:  # rank 0 (or the only process) reports

@@ -145,6 +145,20 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Settings that do not change what a run computes: a run may be resumed, or reused by
+# `reproduce`, with other values of these.
+NOT_RESULT = ("threads", "progress", "workers", "data_dir", "out", "device")
+
+
+def differing_settings(now: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """Names of the settings that change the result and differ between two configs; a
+    setting missing from an older run's config had its default then."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    return sorted(k for k in set(now) | set(saved) if k not in NOT_RESULT
+                  and now.get(k, defaults.get(k)) != saved.get(k, defaults.get(k)))
+
+
 def parse_threshold(value: str | float) -> str | float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value) or value < 0:

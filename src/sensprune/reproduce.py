@@ -13,7 +13,6 @@ final ``reproduce`` over all methods only assembles the table.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import re
@@ -26,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__
-from .config import RECIPES_DIR, make_config
+from .config import RECIPES_DIR, differing_settings, make_config
 from .data import load_dataset
 from .errors import CheckpointError, ConfigError
 from .models import build_model, prunable_weights, use_channels_last
@@ -42,9 +41,6 @@ PUBLISHED = {
                ("Sparse VD (paper)", 280, 0.75)],
     "lenet5-fashion": [],
 }
-
-# Settings that do not change what a run computes; a finished run is reused across them.
-_NOT_RESULT = ("threads", "progress", "workers", "data_dir", "out")
 
 QUICK = {"limit_train": 2000, "val_size": 500, "epochs": 3, "warmup_epochs": 1,
          "finetune_epochs": 1, "threads": 0}
@@ -122,7 +118,7 @@ def reproduce(
             resume = _same_settings(cfg, _checkpoint_config(cfg))
             how = "resumed" if resume else "trained"
             log(f"== {label}: {cfg.method} ({cfg.epochs} epochs)" + (" -- resuming" if resume else ""))
-            s = train(cfg, resume=resume, splits=splits[1], log=log)
+            s = train(cfg, resume=resume, overwrite=not resume, splits=splits[1], log=log)
         else:
             log(f"== {label}: reusing the finished run in {cfg.out}")
         curve = prune_further_curve(cfg, Path(cfg.out) / "model.pt", splits[1])
@@ -190,14 +186,7 @@ def prune_further_curve(cfg, model_path: Path, splits,
 
 
 def _same_settings(cfg, saved: dict | None) -> bool:
-    if not saved:
-        return False
-    now = cfg.to_dict()
-    # a setting missing from an older run's config had its default then
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)
-                if f.default is not dataclasses.MISSING}
-    return all(now.get(k) == saved.get(k, defaults.get(k))
-               for k in set(now) | set(saved) if k not in _NOT_RESULT)
+    return bool(saved) and not differing_settings(cfg.to_dict(), saved)
 
 
 def _finished(cfg) -> dict | None:

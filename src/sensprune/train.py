@@ -22,13 +22,14 @@ import torch.nn.functional as F
 
 from . import __version__
 from . import distributed as ddp
-from .config import TrainConfig
+from .config import TrainConfig, differing_settings
 from .data import Splits, batches, load_dataset, num_samples
-from .errors import CheckpointError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .models import build_model, use_channels_last
 from .pruning import Pruner, sparsity_report
 from .baselines import make_method
 from .report import summary_markdown
+from .rundir import claim
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -72,7 +73,6 @@ def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
 def resolve_device(name: str, info: "ddp.DistInfo") -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from .errors import ConfigError
             raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
@@ -130,9 +130,11 @@ def _progress(iterable, total: int, enabled: bool, desc: str):
 
 
 def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
-          stop_after_epoch: int | None = None, log=print) -> dict:
+          stop_after_epoch: int | None = None, log=print, overwrite: bool = False) -> dict:
     """Run ``cfg`` to the end (or resume it) and return the summary dict.
 
+    ``cfg.out`` is claimed first (rundir.claim): a directory holding another run is refused
+    unless ``overwrite`` (or ``resume``, which must then find the same settings).
     ``stop_after_epoch`` ends the process-equivalent early (used to test resume).
     """
     if cfg.threads:
@@ -141,10 +143,14 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
     # arithmetic on subnormals is ~100x slower (a LeNet-300 epoch went from 3 s to 20 s)
     torch.set_flush_denormal(True)
     info = ddp.setup()
-    if not info.is_main:
-        log = lambda *_: None  # noqa: E731 -- only rank 0 reports
+    with claim(cfg.out, resume=resume, overwrite=overwrite, main=info.is_main):
+        return _train(cfg, info, resume, splits, stop_after_epoch,
+                      log if info.is_main else (lambda *_: None))  # only rank 0 reports
+
+
+def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits | None,
+           stop_after_epoch: int | None, log) -> dict:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     splits = splits or load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
 
     torch.manual_seed(cfg.seed)
@@ -171,6 +177,14 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
+        differ = differing_settings(cfg.to_dict(), ckpt.get("config", {}))
+        if differ:
+            k = differ[0]
+            raise ConfigError(
+                f"--resume: {ckpt_path} was written with other settings ({k} = "
+                f"{ckpt['config'].get(k)!r} there, {getattr(cfg, k, None)!r} now"
+                + (f"; also {', '.join(differ[1:4])}" if len(differ) > 1 else "")
+                + "); resume with the same settings, or start over with --overwrite")
         method.load_state_dict(ckpt["method"])  # first: it may change the layers (Sparse VD)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
