@@ -70,13 +70,14 @@ def test_loss_source_uses_the_batch_gradient():
 
 @pytest.mark.parametrize("name", ["lenet300", "lenet5", "convbn"])
 @pytest.mark.parametrize("kind", ["specific", "unspecific"])
-def test_sensitivity_under_cpu_bf16_autocast(name, kind):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sensitivity_under_cpu_autocast(name, kind, dtype):
     """Mixed precision: the step runs and S is float32, close to the float32 value."""
     m = build_model(name, 10, (1, 28, 28))
     x, t = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
     ref = sensitivity(m, x, t, kind=kind, params=list(prunable_weights(m)))
     reg = SensitivityRegularizer(m, 1e-3, kind=kind)
-    with reg.observe(t), torch.autocast("cpu", dtype=torch.bfloat16):
+    with reg.observe(t), torch.autocast("cpu", dtype=dtype):
         out = m(x)
     F.cross_entropy(out.float(), t).backward()
     reg.step()
@@ -141,3 +142,19 @@ def test_inspect_cli_matches_direct_computation(tmp_path):
         assert got[n]["decay_mean"] == pytest.approx(float(d.mean()), rel=1e-5)
         assert got[n]["S_q0.5"] == pytest.approx(float(torch.quantile(sv.double().flatten(), 0.5)), rel=1e-6)
         assert got[n]["share_not_decayed"] == pytest.approx(float((d == 0).float().mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("name,shape", [("resnet32", (3, 32, 32)), ("lstm", (1, 28, 28))])
+def test_bf16_sensitivity_step_on_bn_and_recurrent_models(name, shape):
+    """The generic engine (BatchNorm in training mode, LSTM) under bf16 autocast: S float32,
+    finite, and not all zero."""
+    m = build_model(name, 10, shape)
+    x, t = torch.randn(3, *shape), torch.randint(0, 10, (3,))
+    reg = SensitivityRegularizer(m, 1e-3)
+    with reg.observe(t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    F.cross_entropy(out.float(), t).backward()
+    reg.step()
+    for n, d in reg.insensitivity.items():
+        assert d.dtype == torch.float32 and bool(torch.isfinite(d).all()), n
+    assert any(float(d.min()) < 1.0 for d in reg.insensitivity.values())
