@@ -194,7 +194,7 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
         state = ckpt["state"]
         _truncate_metrics(out / "metrics.jsonl", state["epoch"])
         log(f"resumed from {ckpt_path} at epoch {state['epoch']}")
-    elif not resume:
+    else:  # a fresh start (also --resume with no checkpoint yet): no history to keep
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
     eval_val = lambda: evaluate(model, splits.val)[0]  # noqa: E731
@@ -269,8 +269,7 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
                 threshold = 0.0
                 if info.is_main:
                     if cfg.threshold_ref == "best":
-                        state["reference_val_error"] = min(
-                            eval_val(), state.get("best_val_error") or float("inf"))
+                        state["reference_val_error"] = _lowest(eval_val(), state.get("best_val_error"))
                     elif cfg.threshold_ref == "epoch" or state["reference_val_error"] is None:
                         state["reference_val_error"] = eval_val()
                     budget = state["reference_val_error"] + cfg.val_budget
@@ -293,7 +292,7 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
         if info.is_main:
             val_err, _ = evaluate(model, splits.val)
             test_err, _ = evaluate(model, splits.test)
-            state["best_val_error"] = min(val_err, state.get("best_val_error") or float("inf"))
+            state["best_val_error"] = _lowest(val_err, state.get("best_val_error"))
             sp = sparsity_report(model)
             record = {
                 "epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(seen, 1),
@@ -327,6 +326,10 @@ def _diverged(cfg: TrainConfig, out: Path, epoch: int, where: str, what: str) ->
     return TrainingDiverged(
         f"training diverged at epoch {epoch + 1}, {where}: {what}; {kept}. Lower --lr "
         f"(now {cfg.lr:g}) or --lam (now {cfg.lam:g}) and train again")
+
+
+def _lowest(value: float, best: float | None) -> float:
+    return value if best is None else min(value, best)
 
 
 def _plateaued(state: dict, val_loss: float, patience: int) -> bool:
