@@ -64,7 +64,10 @@ def test_matches_brute_force(name, model, x, c, kind, reduction):
     targets = torch.randint(0, c, (x.shape[0],))
     outputs = "probs" if hash(name) % 2 else "logits"
     for out in ("logits", "probs") if name.startswith("mlp") else (outputs,):
-        s = sensitivity(model, x, targets, kind=kind, reduction=reduction, outputs=out)
+        # the exact mode: differentiated through BatchNorm's batch statistics, as the brute
+        # force does (the frozen default has its own test below)
+        s = sensitivity(model, x, targets, kind=kind, reduction=reduction, outputs=out,
+                        batchnorm="exact")
         ref = brute_force_sensitivity(model, x, targets, kind, reduction, out)
         assert set(s) == set(ref)
         for n in ref:
@@ -170,3 +173,65 @@ def test_sampled_outputs_unbiased(reduction):
         assert rel < tol, (n, float(rel), tol)
     single = sensitivity(m, x, kind="unspecific", output_samples=5, generator=g)
     assert any(not torch.allclose(single[n], exact[n]) for n in exact)
+
+
+class _DetachedBN(nn.Module):
+    """Independent reference for the frozen mode: BatchNorm written out by hand with the
+    batch statistics detached."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mu = x.mean(dims).detach().view(shape)
+        var = x.var(dims, unbiased=False).detach().view(shape)
+        return ((x - mu) / torch.sqrt(var + self.bn.eps) * self.bn.weight.view(shape)
+                + self.bn.bias.view(shape))
+
+
+def _bn_net():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                         nn.Linear(8, 3)).train()
+
+
+@pytest.mark.parametrize("kind", ["specific", "unspecific"])
+@pytest.mark.parametrize("reduction", ["sample", "batch"])
+def test_frozen_batchnorm_matches_detached_statistics(kind, reduction):
+    m = _bn_net()
+    x, t = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    ref_model = copy.deepcopy(m)
+    for i in (1, 5):
+        ref_model[i] = _DetachedBN(ref_model[i])
+    buffers = {n: b.clone() for n, b in m.named_buffers()}
+    got = sensitivity(m, x, t, kind=kind, reduction=reduction)  # frozen is the default
+    ref = {n.replace(".bn.", "."): v for n, v in
+           brute_force_sensitivity(ref_model, x, t, kind, reduction).items()}
+    assert set(got) == set(ref)
+    for n, v in got.items():
+        torch.testing.assert_close(v.double(), ref[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert all(mod.training for mod in m)  # modes restored
+    for n, b in m.named_buffers():  # running statistics untouched
+        assert torch.equal(b, buffers[n]), n
+    exact = sensitivity(m, x, t, kind=kind, reduction=reduction, batchnorm="exact")
+    assert any(not torch.allclose(exact[n], got[n]) for n in got)  # two different quantities
+
+
+def test_frozen_observe_keeps_the_training_backward_usable():
+    """The frozen mode runs a second forward inside observe(); the training forward's backward
+    must still work (a buffer written in place would break it), running stats move once."""
+    from sensprune import SensitivityRegularizer
+    m = _bn_net()
+    x, t = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    ref = sensitivity(m, x, t, params=["0.weight", "4.weight", "7.weight"])
+    reg = SensitivityRegularizer(m, 1e-3)
+    before = m[1].num_batches_tracked.clone()
+    with reg.observe(t):
+        out = m(x)
+    F.cross_entropy(out, t).backward()
+    assert int(m[1].num_batches_tracked - before) == 1
+    for n in ("0.weight", "4.weight", "7.weight"):
+        torch.testing.assert_close(reg.insensitivity[n], (1 - ref[n]).clamp(min=0))

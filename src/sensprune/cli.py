@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quantile", type=_nonneg_float, help="--normalize quantile: which one (0-1)")
     t.add_argument("--times-weight", action="store_true", default=None,
                    help="insensitivity of |w|*S (the weight's contribution) instead of S")
+    t.add_argument("--batchnorm", choices=["frozen", "exact"],
+                   help="BatchNorm in the sensitivity: batch statistics as constants (frozen, "
+                   "fast) or differentiated through (exact, one backward per sample)")
     t.add_argument("--sens-source", choices=["outputs", "loss"],
                    help="outputs: the paper's dy/dw; loss: |dL/dw| (no extra cost)")
     t.add_argument("--threshold", help="'auto' (largest T within the validation budget), "
@@ -188,7 +191,7 @@ def cmd_train(args) -> int:
         "model", "dataset", "data_dir", "epochs", "batch_size", "limit_train", "val_size",
         "optimizer", "lr", "momentum", "weight_decay", "schedule", "seed", "method", "kind",
         "reduction", "outputs", "lam", "lam_lr_scaled", "sens_every", "output_samples", "regularize", "threshold",
-        "normalize", "beta", "quantile", "sens_source", "times_weight", "threshold_ref", "prune_patience",
+        "normalize", "beta", "quantile", "sens_source", "times_weight", "batchnorm", "threshold_ref", "prune_patience",
         "threshold_mode", "val_budget", "prune_every", "target_sparsity", "finetune_lr", "warmup_epochs", "finetune_epochs", "threads", "workers", "device", "amp", "out")}
     if args.no_progress:
         overrides["progress"] = False

@@ -53,6 +53,7 @@ class TrainConfig:
     beta: float = 1.0  # scale of S in the insensitivity max(0, 1 - beta * S / norm)
     quantile: float = 0.5  # normalize = "quantile": which quantile of S per layer
     times_weight: bool = False  # insensitivity of |w|*S (contribution) instead of S
+    batchnorm: str = "frozen"  # BatchNorm in the sensitivity: frozen (batch stats as constants) | exact
     sens_source: str = "outputs"  # outputs (the paper's dy/dw) | loss (|dL/dw|, LOBSTER-style)
     warmup_epochs: int = 0  # plain training before the sparsification phase
     finetune_epochs: int = 0  # masks fixed, no regularization, at the end
@@ -92,6 +93,7 @@ class TrainConfig:
             "threshold_mode": ("global", "layer"),
             "normalize": ("none", "mean", "max", "quantile"),
             "sens_source": ("outputs", "loss"),
+            "batchnorm": ("frozen", "exact"),
             "threshold_ref": ("epoch", "start", "best"),
             "device": ("auto", "cpu", "cuda"),
         }

@@ -32,7 +32,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .sensitivity import LayerRecorder, alpha_matrix, check_options, compute, sensitivity
+from .sensitivity import (BATCHNORM_MODES, LayerRecorder, alpha_matrix, check_options, compute,
+                          samples_coupled, sensitivity)
 
 NORMALIZE = ("none", "mean", "max", "quantile")
 SOURCES = ("outputs", "loss")
@@ -103,6 +104,8 @@ class SensitivityRegularizer(Method):
             (defaults: the paper's max(0, 1 - S)).
         source: ``"outputs"`` (the paper's S = sum_k alpha_k |dy_k/dw|) or ``"loss"``
             (S = |dL/dw| of the batch, read from ``p.grad`` after the backward: no extra cost).
+        batchnorm: see :func:`sensprune.sensitivity` (``"frozen"``: batch statistics as
+            constants, a second forward per step when the model has BatchNorm in training mode).
         times_weight: use |w| * S (the weight's first-order contribution to the output, or
             to the loss) in place of S: a small weight the output is sensitive to is not
             protected, a large one that carries the output is.
@@ -131,6 +134,7 @@ class SensitivityRegularizer(Method):
         quantile: float = 0.5,
         source: str = "outputs",
         times_weight: bool = False,
+        batchnorm: str = "frozen",
     ):
         check_options(kind, reduction, outputs)
         if normalize not in NORMALIZE:
@@ -139,6 +143,8 @@ class SensitivityRegularizer(Method):
             raise ConfigError(f"source must be one of {SOURCES}, got {source!r}")
         if not beta > 0:
             raise ConfigError(f"beta must be > 0, got {beta}")
+        if batchnorm not in BATCHNORM_MODES:
+            raise ConfigError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
         if not 0 < quantile <= 1:
             raise ConfigError(f"quantile must be in (0, 1], got {quantile}")
         if lam < 0:
@@ -158,6 +164,7 @@ class SensitivityRegularizer(Method):
         self.output_samples = output_samples
         self.normalize, self.beta, self.quantile, self.source = normalize, float(beta), quantile, source
         self.times_weight = times_weight
+        self.batchnorm = batchnorm
         self.generator = torch.Generator().manual_seed(seed)
         self.insensitivity: dict[str, torch.Tensor] = {}
         self.steps = 0
@@ -174,19 +181,30 @@ class SensitivityRegularizer(Method):
         if not self.due() or self.lam == 0 or self.source == "loss":
             yield
             return
-        with LayerRecorder(self.model, record_layers=self.reduction == "sample") as rec:
+        # BatchNorm with batch statistics couples the samples of the training forward; the
+        # frozen mode then takes S from a second forward with the statistics held constant
+        refeed = (self.batchnorm == "frozen" and self.reduction == "sample"
+                  and samples_coupled(self.model))
+        with LayerRecorder(self.model, record_layers=self.reduction == "sample" and not refeed) as rec:
             yield
         if rec.n_forward != 1:
             raise RuntimeError(f"observe() expects exactly one model forward inside the block, "
                                f"saw {rec.n_forward}")
-        self._set(self._from_output(rec.output, targets, rec))
+        if refeed:
+            dist_on = dist_active() if self.distributed is None else self.distributed
+            self._set(self._sensitivity(rec.inputs[0], targets, distributed=dist_on))
+        else:
+            self._set(self._from_output(rec.output, targets, rec))
 
     def update(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> None:
         """Compute the sensitivity from a separate forward on (inputs, targets)."""
-        self._set(sensitivity(self.model, inputs, targets, kind=self.kind,
-                              reduction=self.reduction, outputs=self.outputs,
-                              params=list(self.params), output_samples=self.output_samples,
-                              generator=self.generator))
+        self._set(self._sensitivity(inputs, targets))
+
+    def _sensitivity(self, inputs, targets, distributed: bool = False):
+        return sensitivity(self.model, inputs, targets, kind=self.kind, reduction=self.reduction,
+                           outputs=self.outputs, params=list(self.params),
+                           output_samples=self.output_samples, generator=self.generator,
+                           batchnorm=self.batchnorm, distributed=distributed)
 
     def _from_output(self, logits, targets, rec):
         logits = logits.float()  # under autocast: alpha, softmax and S in float32

@@ -91,6 +91,7 @@ class LayerRecorder(contextlib.AbstractContextManager):
 
     def _root_hook(self, mod, inputs, output):
         self.n_forward += 1
+        self.inputs = inputs
         self.output = output
 
     def usable(self) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
@@ -110,6 +111,41 @@ def _fast_supported(mod: nn.Module) -> bool:
         and mod.padding_mode == "zeros"
         and not isinstance(mod.padding, str)
     )
+
+
+BATCHNORM_MODES = ("frozen", "exact")
+
+
+@contextlib.contextmanager
+def frozen_batch_stats(model: nn.Module, enabled: bool = True):
+    """Inside, every BatchNorm layer in training mode normalizes with the statistics of the
+    current batch taken as constants: it runs in eval mode, and just before it runs its
+    running statistics are set to its input's batch mean and (biased) variance. The forward
+    values are those of training mode; only the gradient paths through the batch statistics
+    are cut, so samples are independent and per-sample gradients are well defined (what
+    per-sample-gradient libraries do for normalization). Modes and buffers are restored on
+    exit. Layers without running statistics stay as they are (coupled)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.training and m.track_running_stats] if enabled else []
+    saved = [(m, m.running_mean, m.running_var) for m in layers]
+
+    def set_batch_stats(mod, inputs):
+        x = inputs[0].detach().float()
+        dims = [0] + list(range(2, x.dim()))
+        mod.running_mean = x.mean(dims).to(mod.running_mean.dtype)
+        mod.running_var = x.var(dims, unbiased=False).to(mod.running_var.dtype)
+
+    handles = [m.register_forward_pre_hook(set_batch_stats) for m in layers]
+    for m in layers:
+        m.eval()
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mean, var in saved:
+            m.running_mean, m.running_var = mean, var
+            m.train()
 
 
 def samples_coupled(model: nn.Module) -> bool:
@@ -352,6 +388,8 @@ def sensitivity(
     params: Iterable[str] | None = None,
     output_samples: int | None = None,
     generator: torch.Generator | None = None,
+    batchnorm: str = "frozen",
+    distributed: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Sensitivity S of the outputs to every parameter that requires grad.
 
@@ -365,23 +403,32 @@ def sensitivity(
         params: restrict to these parameter names (default: all that require grad).
         output_samples: unspecific kind only: an unbiased estimate from K outputs drawn
             uniformly (``generator`` seeds the draw); default: all C outputs, exact.
+        batchnorm: BatchNorm layers in training mode: ``"frozen"`` takes the batch statistics
+            as constants (:func:`frozen_batch_stats`; per-sample gradients, the fast path)
+            or ``"exact"`` differentiates through them (one backward per sample and output).
+        distributed: inputs are this rank's slice; return S of the global batch (DDP).
 
     Returns:
         ``{name: S}`` with each S of its parameter's shape. The model's mode, gradients and
         buffers (BatchNorm running statistics) are left as they were.
     """
     check_options(kind, reduction, outputs)
+    if batchnorm not in BATCHNORM_MODES:
+        raise ConfigError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
     named = _select(model, params)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     try:
-        with torch.enable_grad(), LayerRecorder(model, record_layers=reduction == "sample") as rec:
-            logits = model(inputs)
-        logits = logits.float()  # under autocast: alpha, softmax and S in float32
-        y = torch.softmax(logits, dim=-1) if outputs == "probs" and logits.dim() == 2 else logits
-        alpha = alpha_matrix(y, targets, kind, output_samples, generator)
-        return compute(model, y, alpha, named, kind, reduction, rec)
+        with torch.enable_grad(), frozen_batch_stats(model, batchnorm == "frozen"):
+            with LayerRecorder(model, record_layers=reduction == "sample") as rec:
+                logits = model(inputs)
+            logits = logits.float()  # under autocast: alpha, softmax and S in float32
+            y = torch.softmax(logits, dim=-1) if outputs == "probs" and logits.dim() == 2 else logits
+            alpha = alpha_matrix(y, targets, kind, output_samples, generator)
+            return compute(model, y, alpha, named, kind, reduction, rec, distributed=distributed)
     finally:
         with torch.no_grad():
             for n, b in model.named_buffers():
-                if n in buffers:
+                # only what this forward changed: an in-place write to an untouched buffer
+                # would break the backward of a training forward that saved it
+                if n in buffers and not torch.equal(b, buffers[n]):
                     b.copy_(buffers[n])

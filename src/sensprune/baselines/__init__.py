@@ -54,7 +54,7 @@ def make_method(cfg, model, optimizer, pruner, steps_per_epoch: int, n_train: in
             params=cfg.regularize, every=cfg.sens_every, optimizer=optimizer,
             lr_scaled=cfg.lam_lr_scaled, output_samples=cfg.output_samples or None,
             seed=cfg.seed, normalize=cfg.normalize, beta=cfg.beta, quantile=cfg.quantile,
-            source=cfg.sens_source, times_weight=cfg.times_weight)
+            source=cfg.sens_source, times_weight=cfg.times_weight, batchnorm=cfg.batchnorm)
     if m == "l2":
         return L2Decay(model, cfg.lam, params=cfg.regularize)
     if m == "l1":
