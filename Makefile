@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m sensprune train --recipe lenet300 --out runs/lenet300
+	$(PY) -m sensprune train --recipe lenet300 --out runs/lenet300 --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

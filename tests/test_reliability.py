@@ -101,3 +101,21 @@ def test_lock_stale_temp_files_and_failed_start(tmp_path):
         with claim(fresh):
             raise RuntimeError("the data could not be read")
     assert not fresh.exists()  # no empty directory left behind
+
+
+def test_evaluate_export_and_bench_infer_take_what_a_run_holds(tmp_path):
+    out = tmp_path / "run"
+    assert run("train", *SMALL, "--epochs", "1", "--limit-train", "600", "--out", str(out)).returncode == 0
+    (out / "checkpoint.pt").unlink()  # as committed under results/: model.pt + summary.json
+    summary = json.loads((out / "summary.json").read_text())
+    for target in (out, out / "model.pt"):
+        e = run("evaluate", str(target), "--json")
+        assert e.returncode == 0, e.stderr
+        assert json.loads(e.stdout)["test_error"] == summary["test_error"]
+    assert_usage_error(run("export", str(out), "-o", str(tmp_path / "no" / "x.safetensors")),
+                       "does not exist")
+    assert_usage_error(run("export", str(out), "-o", str(tmp_path)), "is a directory")
+    assert_usage_error(run("bench-infer", str(out / "model.pt")), "not an export")
+    lone = tmp_path / "lone.pt"
+    lone.write_bytes((out / "model.pt").read_bytes())
+    assert_usage_error(run("evaluate", str(lone)), "weights only")

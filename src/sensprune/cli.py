@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on the test set")
-    e.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
+    e.add_argument("checkpoint", help="a run directory, its checkpoint.pt or its model.pt")
     e.add_argument("--data-dir")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--data-dir")
 
     ex = sub.add_parser("export", help="write a compact sparse file (and optionally ONNX)")
-    ex.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
+    ex.add_argument("checkpoint", help="a run directory, its checkpoint.pt or its model.pt")
     ex.add_argument("-o", "--output", required=True, help="output file (.safetensors)")
     ex.add_argument("--values", choices=["fp32", "fp16", "int8"], default="fp32")
     ex.add_argument("--onnx", metavar="FILE", help="also export ONNX and check it against torch")
@@ -212,17 +212,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .config import TrainConfig
+    from .checkpoint import load_run_model
     from .data import load_dataset
-    from .models import build_model
     from .pruning import sparsity_report
-    from .train import evaluate, load_checkpoint
+    from .train import evaluate
 
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items()})
+    cfg, model = load_run_model(args.checkpoint)
     splits = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, cfg.val_size)
-    model = build_model(cfg.model, splits.info.num_classes, splits.info.input_shape)
-    model.load_state_dict(ckpt["model"])
     test_err, test_loss = evaluate(model, splits.test)
     val_err, _ = evaluate(model, splits.val)
     sp = sparsity_report(model)

@@ -11,7 +11,6 @@ method is weight decay; histograms of log10 S and of d go to a PNG.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -19,40 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from .checkpoint import load_run_model
 from .data import load_dataset
-from .errors import CheckpointError
-from .models import build_model, prunable_weights
+from .models import prunable_weights
 from .regularizer import insensitivity
 from .sensitivity import sensitivity
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
-
-
-def load_run_model(path: str | Path) -> tuple[TrainConfig, nn.Module]:
-    """(config, model with trained weights) from a run directory (summary.json + model.pt,
-    or checkpoint.pt) or a checkpoint file."""
-    from .train import CHECKPOINT, load_checkpoint
-
-    p = Path(path)
-    if p.is_dir() and (p / "summary.json").exists() and (p / "model.pt").exists():
-        try:
-            config = json.loads((p / "summary.json").read_text())["config"]
-        except (ValueError, KeyError):
-            raise CheckpointError(f"{p}/summary.json is not a sensprune summary") from None
-        state = torch.load(p / "model.pt", map_location="cpu", weights_only=True)
-    else:
-        if p.is_dir() and not (p / CHECKPOINT).exists():
-            raise CheckpointError(f"{p} holds neither model.pt + summary.json nor {CHECKPOINT}; "
-                                  "give a run directory written by `sensprune train`")
-        ckpt = load_checkpoint(p)
-        config, state = ckpt["config"], ckpt["model"]
-    known = set(TrainConfig.__dataclass_fields__)
-    cfg = TrainConfig(**{k: v for k, v in config.items() if k in known})
-    splits_info = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, limit_train=1).info
-    model = build_model(cfg.model, splits_info.num_classes, splits_info.input_shape)
-    model.load_state_dict(state)
-    return cfg, model
 
 
 def _layer_stats(s: torch.Tensor, d: torch.Tensor) -> dict:

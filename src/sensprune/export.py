@@ -207,7 +207,7 @@ def export(state_dict: dict[str, torch.Tensor], path: str | Path, arch: dict[str
         dense_bytes += t.numel() * 4
     header = {"format": FORMAT, "arch": arch, "values": values, "layers": layers, **(extra or {})}
     header["sha256_all"] = _digest(arrays, header)
-    path = Path(path)
+    path = _check_output(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(arrays, str(tmp), metadata={"sensprune": json.dumps(header, separators=(",", ":"))})
     tmp.replace(path)
@@ -217,6 +217,15 @@ def export(state_dict: dict[str, torch.Tensor], path: str | Path, arch: dict[str
             "payload_bytes": payload, "header_bytes": size - payload,
             "min_csr_bitmask_bytes": reference,
             "layers": layers}
+
+
+def _check_output(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give the export file's name (.safetensors)")
+    if not path.parent.is_dir():
+        raise ConfigError(f"the directory of {path} does not exist; create it first")
+    return path
 
 
 def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -234,6 +243,9 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{p}: not a sensprune export (no sensprune metadata)") from None
     except Exception as exc:  # safetensors raises its own error types for torn files
+        if p.read_bytes()[:2] == b"PK":  # a torch.save zip archive
+            raise CheckpointError(f"{p} is a PyTorch checkpoint, not an export; write one with "
+                                  "`sensprune export RUN -o FILE.safetensors`") from None
         raise CheckpointError(f"{p}: truncated or corrupt file ({type(exc).__name__}: "
                               f"{str(exc)[:80]}); export it again") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -395,18 +407,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, values: str = "fp
                       log=print) -> dict:
     """Export a training checkpoint; measure the test error of each value format (fp32, fp16,
     int8) against the checkpoint's own, and optionally write and check an ONNX file."""
-    from .config import TrainConfig
+    from .checkpoint import load_run_model
     from .data import load_dataset
-    from .models import build_model
     from .pruning import sparsity_report
-    from .train import evaluate, load_checkpoint
+    from .train import evaluate
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = TrainConfig(**ckpt["config"])
+    _check_output(out)  # before any work
+    cfg, model = load_run_model(checkpoint)
     splits = load_dataset(cfg.dataset, data_dir or cfg.data_dir, cfg.val_size)
     info = splits.info
-    model = build_model(cfg.model, info.num_classes, info.input_shape)
-    model.load_state_dict(ckpt["model"])
     base_err, _ = evaluate(model, splits.test)
     sp = sparsity_report(model)
     arch = {"model": cfg.model, "num_classes": info.num_classes,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,13 @@ from . import __version__
 from . import distributed as ddp
 from .config import TrainConfig, differing_settings
 from .data import Splits, batches, load_dataset, num_samples
-from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .errors import ConfigError, TrainingDiverged
 from .models import build_model, use_channels_last
 from .pruning import Pruner, sparsity_report
 from .baselines import make_method
+from .checkpoint import CHECKPOINT, load_checkpoint, save_atomic, write_text_atomic
 from .report import summary_markdown
 from .rundir import claim
-
-CHECKPOINT = "checkpoint.pt"
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -76,37 +74,6 @@ def resolve_device(name: str, info: "ddp.DistInfo") -> torch.device:
             raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over ``path``:
-    a crash leaves either the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    p = Path(path)
-    if p.is_dir():
-        p = p / CHECKPOINT
-    try:
-        return torch.load(p, map_location=map_location, weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {p} not found; give a run directory or its "
-                              f"{CHECKPOINT}") from None
-    except Exception as exc:  # torch raises several types for torn/corrupt files
-        raise CheckpointError(f"checkpoint {p} is unreadable ({type(exc).__name__}); it is "
-                              "corrupt or not a sensprune checkpoint") from None
 
 
 def phase_of(cfg: TrainConfig, epoch: int) -> str:
