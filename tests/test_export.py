@@ -216,3 +216,11 @@ def test_fuzzed_bytes_never_raise_raw_errors(tmp_path):
         except CheckpointError:
             pass
     check()
+
+
+def test_export_file_mode_follows_the_umask(tmp_path):
+    import os
+    f = _exported(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (f.stat().st_mode & 0o777) == 0o666 & ~umask

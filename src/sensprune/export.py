@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -210,6 +211,9 @@ def export(state_dict: dict[str, torch.Tensor], path: str | Path, arch: dict[str
     path = _check_output(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(arrays, str(tmp), metadata={"sensprune": json.dumps(header, separators=(",", ":"))})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an export is meant to be shared
     tmp.replace(path)
     size = path.stat().st_size
     payload = sum(m["bytes"] for m in layers.values())

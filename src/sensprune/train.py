@@ -284,7 +284,11 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             return {"stopped_at_epoch": epoch + 1}
 
-    return finish(cfg, model, splits, state, out) if info.is_main else {"rank": info.rank}
+    result = finish(cfg, model, splits, state, out) if info.is_main else {"rank": info.rank}
+    # every rank leaves together: a rank that tears its process group down while rank 0 is
+    # still writing the summary can abort in gloo's threads
+    ddp.barrier()
+    return result
 
 
 def _diverged(cfg: TrainConfig, out: Path, epoch: int, where: str, what: str) -> TrainingDiverged:
