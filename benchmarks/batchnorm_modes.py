@@ -93,7 +93,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = [measure(m, args.batch) for m in args.models.split(",")]
     steps = [step_times(m, args.step_batch, args.reps) for m in args.models.split(",")]
-    print(f"| model | batch | frozen s | exact s | speedup | rel. L1 diff of S | d changed > 0.05 |")
+    print("| model | batch | frozen s | exact s | speedup | rel. L1 diff of S | d changed > 0.05 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['batch']} | {r['seconds_frozen']:.3f} | {r['seconds_exact']:.2f} | "
