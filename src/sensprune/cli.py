@@ -275,22 +275,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _int_list(text: str | None, flag: str) -> list[int] | None:
+def _number_list(text: str | None, flag: str, cast=float) -> list | None:
+    """Comma-separated numbers of type ``cast`` (float or int), or None for an empty option."""
     if not text:
         return None
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        return [cast(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SensPruneError(f"{flag} expects comma-separated integers, got {text!r}") from None
-
-
-def _float_list(text: str | None, flag: str) -> list[float] | None:
-    if not text:
-        return None
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SensPruneError(f"{flag} expects comma-separated numbers, got {text!r}") from None
+        kind = "integers" if cast is int else "numbers"
+        raise SensPruneError(f"{flag} expects comma-separated {kind}, got {text!r}") from None
 
 
 def cmd_export(args) -> int:
@@ -334,9 +327,9 @@ def cmd_reproduce(args) -> int:
     out = args.out or f"runs/reproduce-{Path(args.experiment).stem}"
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     result = reproduce(args.experiment, out, methods=methods, quick=args.quick,
-                       lam_sweep=_float_list(args.lam_sweep, "--lam-sweep"),
+                       lam_sweep=_number_list(args.lam_sweep, "--lam-sweep"),
                        data_dir=args.data_dir, seed=args.seed,
-                       seeds=_int_list(args.seeds, "--seeds"))
+                       seeds=_number_list(args.seeds, "--seeds", int))
     print((Path(out) / "table.md").read_text())
     print(f"wrote {out}/table.md, table.json, pareto.png ({result['wall_seconds']:.0f} s)")
     return 0
