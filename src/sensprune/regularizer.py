@@ -191,8 +191,7 @@ class SensitivityRegularizer(Method):
             raise RuntimeError(f"observe() expects exactly one model forward inside the block, "
                                f"saw {rec.n_forward}")
         if refeed:
-            dist_on = dist_active() if self.distributed is None else self.distributed
-            self._set(self._sensitivity(rec.inputs[0], targets, distributed=dist_on))
+            self._set(self._sensitivity(rec.inputs[0], targets, distributed=self._distributed()))
         else:
             self._set(self._from_output(rec.output, targets, rec))
 
@@ -210,9 +209,11 @@ class SensitivityRegularizer(Method):
         logits = logits.float()  # under autocast: alpha, softmax and S in float32
         y = torch.softmax(logits, dim=-1) if self.outputs == "probs" and logits.dim() == 2 else logits
         alpha = alpha_matrix(y, targets, self.kind, self.output_samples, self.generator)
-        dist_on = dist_active() if self.distributed is None else self.distributed
         return compute(self.model, y, alpha, self.params, self.kind, self.reduction, rec,
-                       distributed=dist_on)
+                       distributed=self._distributed())
+
+    def _distributed(self) -> bool:
+        return dist_active() if self.distributed is None else self.distributed
 
     def _set(self, s: dict[str, torch.Tensor]) -> None:
         # in place: S is a fresh tensor, and large allocations cost more than the arithmetic

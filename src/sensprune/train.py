@@ -167,10 +167,6 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
     eval_val = lambda: evaluate(model, splits.val)[0]  # noqa: E731
     for epoch in range(state["epoch"], cfg.epochs):
         phase = phase_of(cfg, epoch)
-        if (phase == "sparsify" and cfg.threshold_ref == "start" and cfg.warmup_epochs > 0
-                and state["reference_val_error"] is None and info.is_main):
-            # the fixed reference: the warmed-up network's error, before any regularization
-            state["reference_val_error"] = eval_val()
         if phase == "finetune" and cfg.finetune_lr > 0:
             sched = None  # the fine-tuning phase runs at its own constant rate
             for group in opt.param_groups:
@@ -223,8 +219,10 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
         threshold = None
         last_sparsify = active and phase_of(cfg, epoch + 1) != "sparsify"
         due = (epoch + 1 - cfg.warmup_epochs) % cfg.prune_every == 0 or last_sparsify
+        before = None  # (val error, val loss) of this epoch's weights before thresholding
         if active and cfg.prune_patience and not last_sparsify:
-            due = due and _plateaued(state, evaluate(model, splits.val)[1], cfg.prune_patience)
+            before = evaluate(model, splits.val)
+            due = due and _plateaued(state, before[1], cfg.prune_patience)
         if active and method.uses_threshold and cfg.threshold != "none" and due:
             if cfg.threshold == "auto":
                 # rank 0 decides, every rank applies the same threshold. Reference "epoch":
@@ -235,10 +233,11 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
                 # "best": the lowest validation error of any epoch so far (never rises).
                 threshold = 0.0
                 if info.is_main:
-                    if cfg.threshold_ref == "best":
-                        state["reference_val_error"] = _lowest(eval_val(), state.get("best_val_error"))
-                    elif cfg.threshold_ref == "epoch" or state["reference_val_error"] is None:
-                        state["reference_val_error"] = eval_val()
+                    if cfg.threshold_ref != "start" or state["reference_val_error"] is None:
+                        now = before[0] if before is not None else eval_val()
+                        state["reference_val_error"] = (
+                            _lowest(now, state.get("best_val_error"))
+                            if cfg.threshold_ref == "best" else now)
                     budget = state["reference_val_error"] + cfg.val_budget
                     threshold = pruner.auto_threshold(eval_val, budget, cfg.threshold_mode)
                 threshold = ddp.broadcast_float(threshold)
@@ -260,6 +259,10 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
             val_err, _ = evaluate(model, splits.val)
             test_err, _ = evaluate(model, splits.test)
             state["best_val_error"] = _lowest(val_err, state.get("best_val_error"))
+            if (cfg.threshold_ref == "start" and phase == "warmup"
+                    and phase_of(cfg, epoch + 1) == "sparsify"):
+                # the fixed reference: the warmed-up network's error, before any regularization
+                state["reference_val_error"] = val_err
             sp = sparsity_report(model)
             record = {
                 "epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(seen, 1),
