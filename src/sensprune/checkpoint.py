@@ -50,7 +50,7 @@ def load_run_model(path: str | Path):
     """(TrainConfig, model with the trained weights) from a run directory (summary.json +
     model.pt, or checkpoint.pt), a checkpoint.pt, or a run's model.pt."""
     from .config import TrainConfig
-    from .data import load_dataset
+    from .data import dataset_info
     from .models import build_model
 
     p = Path(path)
@@ -74,7 +74,7 @@ def load_run_model(path: str | Path):
         state = obj
     known = set(TrainConfig.__dataclass_fields__)
     cfg = TrainConfig(**{k: v for k, v in config.items() if k in known})
-    info = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, limit_train=1).info
+    info = dataset_info(cfg.dataset)  # the shapes only: no data is read here
     model = build_model(cfg.model, info.num_classes, info.input_shape)
     try:
         model.load_state_dict(state)
