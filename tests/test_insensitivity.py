@@ -15,7 +15,7 @@ from sensprune.data import load_dataset
 from sensprune.errors import ConfigError
 from sensprune.models import prunable_weights
 from sensprune.regularizer import insensitivity
-from sensprune.train import _plateaued
+from sensprune.pruning import _plateaued
 
 
 def test_insensitivity_forms_hand_computed():

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sensprune.baselines.decay import L1Decay, L2Decay
-from sensprune.baselines.magnitude import GradualMagnitude
-from sensprune.baselines.sparse_vd import SparseVD
+from sensprune.methods import L1Decay, L2Decay
+from sensprune.methods import GradualMagnitude
+from sensprune.methods import SparseVD
 from sensprune.models import LeNet5
 from sensprune.pruning import Pruner
 from sensprune.reproduce import reproduce
@@ -62,12 +62,12 @@ def test_sparse_vd_round_trip_to_plain_layers():
     m = LeNet5()
     names = [n for n, _ in m.named_parameters()]
     vd = SparseVD(m, n_train=1000)
-    assert len(vd.new_params()) == 4
+    assert len(vd.extra_params()) == 4
     x = torch.randn(3, 1, 28, 28)
     m.train()
     loss = m(x).sum() + vd.penalty()
     loss.backward()
-    assert all(p.grad is not None for p in vd.new_params())
+    assert all(p.grad is not None for p in vd.extra_params())
     with torch.no_grad():  # make some weights have large log alpha: they must be pruned
         m.fc1.log_sigma2[:10] = 5.0
         m.fc1.weight[:10] = 1e-3

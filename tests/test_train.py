@@ -72,3 +72,50 @@ def test_evaluate_helper(mnist):
     m = build_model("lenet300")
     err, loss = evaluate(m, mnist.val)
     assert 80.0 < err < 95.0 and loss > 2.0  # an untrained net is near chance
+
+
+def test_finetune_cosine_rate_hand_computed():
+    from sensprune.train import finetune_lr
+    cfg = make_config(epochs=10, warmup_epochs=2, finetune_epochs=4, finetune_lr=0.02,
+                      finetune_schedule="cosine")
+    # fine-tuning epochs 6..9: 0.02 * (1 + cos(pi * k / 4)) / 2 for k = 0..3
+    assert [round(finetune_lr(cfg, e), 12) for e in range(6, 10)] == [
+        0.02, round(0.01 * (1 + 2 ** -0.5), 12), 0.01, round(0.01 * (1 - 2 ** -0.5), 12)]
+    const = make_config(epochs=10, finetune_epochs=4, finetune_lr=0.02)
+    assert {finetune_lr(const, e) for e in range(6, 10)} == {0.02}
+
+
+def test_init_from_keeps_the_zeros_and_starts_from_the_weights(tmp_path):
+    splits = load_dataset("mnist", val_size=500, limit_train=1000)
+    src = train(small_cfg(tmp_path / "src", epochs=2, warmup_epochs=1, threshold=0.02),
+                splits=splits, log=lambda *_: None)
+    assert src["compression_ratio"] > 2
+    before = torch.load(tmp_path / "src" / "run" / "model.pt")
+    # lr 0: the fine-tuning run must reproduce the source model exactly
+    frozen = train(small_cfg(tmp_path / "ft0", method="none", epochs=1, lr=0.0,
+                             init_from=str(tmp_path / "src" / "run")),
+                   splits=splits, log=lambda *_: None)
+    after0 = torch.load(tmp_path / "ft0" / "run" / "model.pt")
+    assert all(torch.equal(before[k], after0[k]) for k in before)
+    assert frozen["test_error"] == src["test_error"]
+    # a real fine-tuning: the weights move, the zeros stay exactly zero
+    train(small_cfg(tmp_path / "ft", method="none", epochs=2, lr=0.05, schedule="cosine",
+                    init_from=str(tmp_path / "src" / "run" / "model.pt")),
+          splits=splits, log=lambda *_: None)
+    after = torch.load(tmp_path / "ft" / "run" / "model.pt")
+    for k, w in before.items():
+        if k.endswith("weight"):
+            assert torch.equal(after[k] == 0, w == 0), k
+    assert not torch.equal(after["fc1.weight"], before["fc1.weight"])
+
+
+def test_init_from_another_model_is_refused(tmp_path):
+    import pytest
+    from sensprune.errors import ConfigError
+    splits = load_dataset("mnist", val_size=500, limit_train=500)
+    train(small_cfg(tmp_path / "src", epochs=1, warmup_epochs=1), splits=splits,
+          log=lambda *_: None)
+    with pytest.raises(ConfigError, match="holds a lenet300"):
+        train(small_cfg(tmp_path / "x", model="lenet5", method="none", epochs=1,
+                        init_from=str(tmp_path / "src" / "run")), splits=splits,
+              log=lambda *_: None)

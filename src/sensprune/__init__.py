@@ -10,18 +10,17 @@ Public API:
     build_model, load_dataset, make_config, train, evaluate, reproduce
 """
 
-__version__ = "0.1.0"
-
-from .config import TrainConfig, make_config  # noqa: E402
-from .data import load_dataset  # noqa: E402
-from .errors import SensPruneError  # noqa: E402
-from .export import export, load  # noqa: E402
-from .models import build_model, prunable_weights  # noqa: E402
-from .pruning import Pruner, sparsity_report  # noqa: E402
-from .regularizer import SensitivityRegularizer  # noqa: E402
-from .sensitivity import sensitivity  # noqa: E402
-from .reproduce import reproduce  # noqa: E402
-from .train import evaluate, train  # noqa: E402
+from ._version import __version__
+from .config import TrainConfig, make_config
+from .data import load_dataset
+from .errors import SensPruneError
+from .export import export, load
+from .models import build_model, prunable_weights
+from .pruning import Pruner, sparsity_report
+from .regularizer import SensitivityRegularizer
+from .sensitivity import sensitivity
+from .reproduce import reproduce
+from .train import evaluate, train
 
 __all__ = [
     "sensitivity", "SensitivityRegularizer", "Pruner", "sparsity_report", "build_model",

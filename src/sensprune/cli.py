@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-sparsity", type=_nonneg_float, help="gmp: final sparsity (0-1)")
     t.add_argument("--finetune-lr", type=_nonneg_float, help="constant lr of the fine-tuning "
                    "phase (default: keep the schedule)")
+    t.add_argument("--finetune-schedule", choices=["constant", "cosine"],
+                   help="fine-tuning lr: constant, or cosine from --finetune-lr to 0")
+    t.add_argument("--init-from", metavar="RUN", help="start from a trained run (directory or "
+                   "model.pt); its zero weights stay zero (fine-tune a pruned model)")
     t.add_argument("--warmup-epochs", type=int)
     t.add_argument("--finetune-epochs", type=int)
     t.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
@@ -187,12 +191,10 @@ def cmd_train(args) -> int:
     from .report import summary_markdown
     from .train import train
 
-    overrides = {k: getattr(args, k) for k in (
-        "model", "dataset", "data_dir", "epochs", "batch_size", "limit_train", "val_size",
-        "optimizer", "lr", "momentum", "weight_decay", "schedule", "seed", "method", "kind",
-        "reduction", "outputs", "lam", "lam_lr_scaled", "sens_every", "output_samples", "regularize", "threshold",
-        "normalize", "beta", "quantile", "sens_source", "times_weight", "batchnorm", "threshold_ref", "prune_patience",
-        "threshold_mode", "val_budget", "prune_every", "target_sparsity", "finetune_lr", "warmup_epochs", "finetune_epochs", "threads", "workers", "device", "amp", "out")}
+    from .config import TrainConfig
+
+    # every option whose name is a setting overrides it (unset options are None: no override)
+    overrides = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}
     if args.no_progress:
         overrides["progress"] = False
     cfg = make_config(args.recipe, **overrides)
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from . import __version__
+        from ._version import __version__
         print(__version__)
         return 0
     if args.command is None:

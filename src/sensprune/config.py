@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .methods import METHOD_NAMES as METHODS
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-METHODS = ("none", "sensitivity", "l2", "l1", "magnitude", "gmp", "sparse_vd")
 # Learning rates that converge with the bundled models (SGD with momentum 0.9); Adam and AdamW
 # use 1e-3 for every model. 0.1 diverged on LeNet-5 in its first epoch.
 DEFAULT_LR = {"lenet300": 0.05, "lenet5": 0.02, "resnet32": 0.1, "vgg16": 0.01}
@@ -58,6 +58,8 @@ class TrainConfig:
     warmup_epochs: int = 0  # plain training before the sparsification phase
     finetune_epochs: int = 0  # masks fixed, no regularization, at the end
     finetune_lr: float = 0.0  # learning rate of the fine-tuning phase (0: keep the schedule's)
+    finetune_schedule: str = "constant"  # constant | cosine (finetune_lr annealed to 0 over the phase)
+    init_from: str | None = None  # start from a trained run (directory or model.pt); its zeros stay zero
     threshold: str | float = "auto"  # auto | none | a fixed value T
     threshold_mode: str = "global"  # global | layer
     val_budget: float = 0.1  # auto threshold: allowed val error increase, in points
@@ -95,6 +97,7 @@ class TrainConfig:
             "sens_source": ("outputs", "loss"),
             "batchnorm": ("frozen", "exact"),
             "threshold_ref": ("epoch", "start", "best"),
+            "finetune_schedule": ("constant", "cosine"),
             "device": ("auto", "cpu", "cuda"),
         }
         for key, allowed in choices.items():
@@ -123,6 +126,9 @@ class TrainConfig:
         if self.val_size == 0 and self.threshold == "auto" and self.method != "none":
             raise ConfigError("the automatic threshold needs a validation set: set --val-size "
                               "above 0 or give a fixed --threshold")
+        if self.init_from is not None and not Path(self.init_from).exists():
+            raise ConfigError(f"init_from: {self.init_from} does not exist; give a run directory "
+                              "or its model.pt")
         if self.threads < 0 or self.workers < 0:
             raise ConfigError(f"threads and workers must be >= 0, got {self.threads}, {self.workers}")
         return self

@@ -7,7 +7,7 @@ knows about pruning. ``prunable_weights(model)`` names the parameters the paper 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -227,3 +227,22 @@ def prunable_weights(model: nn.Module, include_biases: bool = False) -> dict[str
                 continue
             out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
     return out
+
+
+def select_params(model: nn.Module, which: str | Iterable[str] = "weights") -> dict[str, nn.Parameter]:
+    """Parameters the method regularizes: 'weights' (Linear/Conv/recurrent weights, the
+    default), 'weights+biases', 'all' (normalization parameters too) or explicit names."""
+    if which == "weights":
+        return prunable_weights(model)
+    if which == "weights+biases":
+        return prunable_weights(model, include_biases=True)
+    if which == "all":
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if isinstance(which, str):
+        raise ConfigError(f"params must be 'weights', 'weights+biases', 'all' or a list of "
+                          f"names, got {which!r}")
+    named = dict(model.named_parameters())
+    missing = [n for n in which if n not in named]
+    if missing:
+        raise ConfigError(f"unknown parameter(s) {missing}; see model.named_parameters()")
+    return {n: named[n] for n in which}

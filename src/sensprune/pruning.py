@@ -151,6 +151,77 @@ class Pruner:
             self.prune(n, m.to(torch.bool))
 
 
+class ThresholdPolicy:
+    """The loop's pruning decision at the end of each sparsification epoch: whether to
+    threshold, and at which T.
+
+    threshold: ``"auto"`` (the largest T whose validation error stays within ``val_budget``
+    points of a reference), ``"none"``, or a fixed T. reference (auto only): ``"epoch"``, that
+    epoch's own error before thresholding (the threshold removes only what the network no
+    longer needs, but the accepted losses add up epoch after epoch); ``"start"``, the warmed-up
+    network's error, fixed (the error can never drift past it plus the budget); ``"best"``,
+    the lowest validation error of any epoch so far. ``every``: threshold every N-th epoch
+    (and always at the last); ``patience``: only once the validation loss has not improved for
+    N epochs. Under DDP rank 0 decides (``is_main``) and ``broadcast`` shares its T.
+    Everything it remembers lives in the run's ``state`` dict, so it is checkpointed.
+    """
+
+    def __init__(self, pruner: Pruner, threshold: str | float = "auto", mode: str = "global",
+                 val_budget: float = 0.1, reference: str = "epoch", patience: int = 0,
+                 every: int = 1, is_main: bool = True,
+                 broadcast: Callable[[float], float] = lambda t: t):
+        self.pruner, self.threshold, self.mode = pruner, threshold, mode
+        self.val_budget, self.reference = val_budget, reference
+        self.patience, self.every = patience, every
+        self.is_main, self.broadcast = is_main, broadcast
+
+    def end_epoch(self, state: dict, index: int, last: bool,
+                  evaluate: Callable[[], tuple[float, float]]) -> float | None:
+        """Threshold after sparsification epoch ``index`` (1-based) if due; returns the T
+        applied, or None. ``evaluate()`` gives (validation error %, validation loss)."""
+        due = index % self.every == 0 or last
+        before = None  # this epoch's (val error, val loss) before thresholding, measured once
+        if self.patience and not last:
+            before = evaluate()
+            due = due and _plateaued(state, before[1], self.patience)
+        if self.threshold == "none" or not due:
+            return None
+        if self.threshold == "auto":
+            t = 0.0
+            if self.is_main:
+                if self.reference != "start" or state["reference_val_error"] is None:
+                    now = before[0] if before is not None else evaluate()[0]
+                    state["reference_val_error"] = (
+                        _lowest(now, state.get("best_val_error"))
+                        if self.reference == "best" else now)
+                budget = state["reference_val_error"] + self.val_budget
+                t = self.pruner.auto_threshold(lambda: evaluate()[0], budget, self.mode)
+            t = self.broadcast(t)
+        else:
+            t = float(self.threshold)
+        self.pruner.threshold(t, self.mode)
+        state["thresholds"].append(t)
+        return t
+
+
+def _lowest(value: float, best: float | None) -> float:
+    return value if best is None else min(value, best)
+
+
+def _plateaued(state: dict, val_loss: float, patience: int) -> bool:
+    """True once the validation loss has not improved for ``patience`` epochs; the count
+    restarts after each pruning (the caller prunes when this is True)."""
+    best = state.get("best_val_loss")
+    if best is None or val_loss < best - 1e-4:
+        state["best_val_loss"], state["epochs_since_best"] = val_loss, 0
+    else:
+        state["epochs_since_best"] = state.get("epochs_since_best", 0) + 1
+    if state["epochs_since_best"] >= patience:
+        state["best_val_loss"], state["epochs_since_best"] = None, 0
+        return True
+    return False
+
+
 def sparsity_report(model: nn.Module, include_biases: bool = False) -> dict:
     """Counts of the prunable weights that are exactly zero, per layer and in total."""
     layers = {}

@@ -60,32 +60,12 @@ def insensitivity(s: torch.Tensor, normalize: str = "none", beta: float = 1.0,
     if norm <= 0:  # no signal at all in this layer: every weight is insensitive
         return v.zero_().add_(1.0)
     return v.mul_(-beta / norm).add_(1.0).clamp_(min=0.0)
-from .baselines import Method
 from .distributed import active as dist_active
 from .errors import ConfigError
-from .models import prunable_weights
+from .models import select_params  # noqa: F401  (re-exported: part of this module's API)
 
 
-def select_params(model: nn.Module, which: str | Iterable[str] = "weights") -> dict[str, nn.Parameter]:
-    """Parameters the method regularizes: 'weights' (Linear/Conv/recurrent weights, the
-    default), 'weights+biases', 'all' (normalization parameters too) or explicit names."""
-    if which == "weights":
-        return prunable_weights(model)
-    if which == "weights+biases":
-        return prunable_weights(model, include_biases=True)
-    if which == "all":
-        return {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if isinstance(which, str):
-        raise ConfigError(f"params must be 'weights', 'weights+biases', 'all' or a list of "
-                          f"names, got {which!r}")
-    named = dict(model.named_parameters())
-    missing = [n for n in which if n not in named]
-    if missing:
-        raise ConfigError(f"unknown parameter(s) {missing}; see model.named_parameters()")
-    return {n: named[n] for n in which}
-
-
-class SensitivityRegularizer(Method):
+class SensitivityRegularizer:
     """Applies w <- w - lam_eff * w * max(0, 1 - S) to the selected parameters.
 
     Args:
@@ -110,9 +90,6 @@ class SensitivityRegularizer(Method):
             to the loss) in place of S: a small weight the output is sensitive to is not
             protected, a large one that carries the output is.
     """
-
-    name = "sensitivity"
-    uses_threshold = True
 
     def __init__(
         self,

@@ -24,12 +24,14 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .config import RECIPES_DIR, differing_settings, make_config
 from .data import load_dataset
 from .errors import CheckpointError, ConfigError
 from .models import build_model, prunable_weights, use_channels_last
-from .train import CHECKPOINT, evaluate, load_checkpoint, train, write_text_atomic
+from .checkpoint import CHECKPOINT, load_checkpoint, write_text_atomic
+from .methods import method_class
+from .train import evaluate, train
 
 EXPERIMENTS = ("lenet300", "lenet5", "lenet5-fashion")
 
@@ -107,9 +109,9 @@ def reproduce(
             values["seed"] = seed
         if quick:
             values.update(QUICK)
-            if values.get("method") == "gmp":
-                values["gmp_every"] = 5
         cfg = make_config(**values)
+        if quick and method_class(cfg.method).quick_settings:  # e.g. GMP's pruning interval
+            cfg = make_config(**{**values, **method_class(cfg.method).quick_settings})
         key = (cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
         if splits is None or splits[0] != key:
             splits = (key, load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train))
@@ -129,7 +131,7 @@ def reproduce(
             "val_error": s["val_error"], "nonzero_params": s["nonzero_params"],
             "total_params": s["total_params"], "train_seconds": s["train_seconds"],
             "epochs": s["epochs"], "run_dir": str(Path(cfg.out).relative_to(out)),
-            "lam": cfg.lam if cfg.method in ("sensitivity", "l1", "l2") else None,
+            "lam": cfg.lam if method_class(cfg.method).uses_lam else None,
             "seed": cfg.seed,
         })
     result = {

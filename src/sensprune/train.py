@@ -19,14 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import __version__
+from ._version import __version__
 from . import distributed as ddp
 from .config import TrainConfig, differing_settings
 from .data import Splits, batches, load_dataset, num_samples
 from .errors import ConfigError, TrainingDiverged
 from .models import build_model, use_channels_last
-from .pruning import Pruner, sparsity_report
-from .baselines import make_method
+from .pruning import Pruner, ThresholdPolicy, sparsity_report
+from .methods import MethodContext, make_method, method_class
 from .checkpoint import CHECKPOINT, load_checkpoint, save_atomic, write_text_atomic
 from .report import summary_markdown
 from .rundir import claim
@@ -77,7 +77,7 @@ def resolve_device(name: str, info: "ddp.DistInfo") -> torch.device:
 
 
 def phase_of(cfg: TrainConfig, epoch: int) -> str:
-    if cfg.method == "none":
+    if not method_class(cfg.method).sparsifies:
         return "train"
     if epoch < cfg.warmup_epochs:
         return "warmup"
@@ -128,10 +128,13 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
     use_channels_last(model, splits.info.input_shape)  # conv nets, every device
     opt = make_optimizer(cfg, model.parameters())
     pruner = Pruner(model, optimizer=opt)
+    if cfg.init_from and not resume:
+        _init_from(cfg, model, pruner)
     steps_per_epoch = math.ceil(num_samples(splits.train) / cfg.batch_size)
-    method = make_method(cfg, model, opt, pruner, steps_per_epoch, num_samples(splits.train))
-    if hasattr(method, "new_params"):  # Sparse VD's log sigma^2
-        opt.add_param_group({"params": method.new_params(), "weight_decay": 0.0})
+    method = make_method(cfg, MethodContext(model, opt, pruner, steps_per_epoch,
+                                            num_samples(splits.train)))
+    if method.extra_params():  # Sparse VD's log sigma^2
+        opt.add_param_group({"params": method.extra_params(), "weight_decay": 0.0})
     # forward through DDP (gradient all-reduce); everything else works on the plain module
     net = model
     if info.enabled:
@@ -164,13 +167,15 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
     else:  # a fresh start (also --resume with no checkpoint yet): no history to keep
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
-    eval_val = lambda: evaluate(model, splits.val)[0]  # noqa: E731
+    policy = ThresholdPolicy(pruner, cfg.threshold, cfg.threshold_mode, cfg.val_budget,
+                             cfg.threshold_ref, cfg.prune_patience, cfg.prune_every,
+                             is_main=info.is_main, broadcast=ddp.broadcast_float)
     for epoch in range(state["epoch"], cfg.epochs):
         phase = phase_of(cfg, epoch)
         if phase == "finetune" and cfg.finetune_lr > 0:
-            sched = None  # the fine-tuning phase runs at its own constant rate
+            sched = None  # the fine-tuning phase runs at its own rate
             for group in opt.param_groups:
-                group["lr"] = cfg.finetune_lr
+                group["lr"] = finetune_lr(cfg, epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout etc.: reproducible per epoch
         model.train()
         t0 = time.perf_counter()
@@ -218,35 +223,12 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
 
         threshold = None
         last_sparsify = active and phase_of(cfg, epoch + 1) != "sparsify"
-        due = (epoch + 1 - cfg.warmup_epochs) % cfg.prune_every == 0 or last_sparsify
-        before = None  # (val error, val loss) of this epoch's weights before thresholding
-        if active and cfg.prune_patience and not last_sparsify:
-            before = evaluate(model, splits.val)
-            due = due and _plateaued(state, before[1], cfg.prune_patience)
-        if active and method.uses_threshold and cfg.threshold != "none" and due:
-            if cfg.threshold == "auto":
-                # rank 0 decides, every rank applies the same threshold. Reference "epoch":
-                # this epoch's validation error before thresholding (the threshold removes only
-                # what the network no longer needs, but the accepted losses add up epoch after
-                # epoch). Reference "start": the error measured once when sparsification
-                # started, so the error can never drift beyond it plus the budget. Reference
-                # "best": the lowest validation error of any epoch so far (never rises).
-                threshold = 0.0
-                if info.is_main:
-                    if cfg.threshold_ref != "start" or state["reference_val_error"] is None:
-                        now = before[0] if before is not None else eval_val()
-                        state["reference_val_error"] = (
-                            _lowest(now, state.get("best_val_error"))
-                            if cfg.threshold_ref == "best" else now)
-                    budget = state["reference_val_error"] + cfg.val_budget
-                    threshold = pruner.auto_threshold(eval_val, budget, cfg.threshold_mode)
-                threshold = ddp.broadcast_float(threshold)
-            else:
-                threshold = float(cfg.threshold)
-            pruner.threshold(threshold, cfg.threshold_mode)
-            ddp.broadcast_masks(pruner.masks)
-            pruner.apply()
-            state["thresholds"].append(threshold)
+        if active and method.uses_threshold:
+            threshold = policy.end_epoch(state, epoch + 1 - cfg.warmup_epochs, last_sparsify,
+                                         lambda: evaluate(model, splits.val))
+            if threshold is not None:  # every rank holds rank 0's masks
+                ddp.broadcast_masks(pruner.masks)
+                pruner.apply()
         if last_sparsify:
             method.end_phase()
         state["train_seconds"] += time.perf_counter() - t0
@@ -258,7 +240,8 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
         if info.is_main:
             val_err, _ = evaluate(model, splits.val)
             test_err, _ = evaluate(model, splits.test)
-            state["best_val_error"] = _lowest(val_err, state.get("best_val_error"))
+            best = state.get("best_val_error")
+            state["best_val_error"] = val_err if best is None else min(val_err, best)
             if (cfg.threshold_ref == "start" and phase == "warmup"
                     and phase_of(cfg, epoch + 1) == "sparsify"):
                 # the fixed reference: the warmed-up network's error, before any regularization
@@ -294,30 +277,34 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
     return result
 
 
+def finetune_lr(cfg: TrainConfig, epoch: int) -> float:
+    """The fine-tuning phase's rate at ``epoch``: constant, or a cosine from finetune_lr
+    (first fine-tuning epoch) towards 0 (the last one runs at finetune_lr * (1 - cos(pi/F))/2)."""
+    if cfg.finetune_schedule == "constant":
+        return cfg.finetune_lr
+    k = epoch - (cfg.epochs - cfg.finetune_epochs)  # 0 .. F-1
+    return cfg.finetune_lr * 0.5 * (1.0 + math.cos(math.pi * k / cfg.finetune_epochs))
+
+
+def _init_from(cfg: TrainConfig, model: nn.Module, pruner: Pruner) -> None:
+    """Load a trained run's weights; its zero weights become masks (they stay zero)."""
+    from .checkpoint import load_run_model
+
+    src_cfg, src = load_run_model(cfg.init_from)
+    if src_cfg.model != cfg.model:
+        raise ConfigError(f"init_from: {cfg.init_from} holds a {src_cfg.model}, this run trains "
+                          f"a {cfg.model}; give --model {src_cfg.model} or another run")
+    model.load_state_dict(src.state_dict())
+    for name, p in pruner.params.items():
+        pruner.prune(name, p.detach() != 0)
+
+
 def _diverged(cfg: TrainConfig, out: Path, epoch: int, where: str, what: str) -> TrainingDiverged:
     kept = (f"the checkpoint of epoch {epoch} in {out} is kept" if epoch and
             (out / CHECKPOINT).exists() else "no checkpoint was written")
     return TrainingDiverged(
         f"training diverged at epoch {epoch + 1}, {where}: {what}; {kept}. Lower --lr "
         f"(now {cfg.lr:g}) or --lam (now {cfg.lam:g}) and train again")
-
-
-def _lowest(value: float, best: float | None) -> float:
-    return value if best is None else min(value, best)
-
-
-def _plateaued(state: dict, val_loss: float, patience: int) -> bool:
-    """True once the validation loss has not improved for ``patience`` epochs; the count
-    restarts after each pruning (the caller prunes when this is True)."""
-    best = state.get("best_val_loss")
-    if best is None or val_loss < best - 1e-4:
-        state["best_val_loss"], state["epochs_since_best"] = val_loss, 0
-    else:
-        state["epochs_since_best"] = state.get("epochs_since_best", 0) + 1
-    if state["epochs_since_best"] >= patience:
-        state["best_val_loss"], state["epochs_since_best"] = None, 0
-        return True
-    return False
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:

@@ -1,39 +1,33 @@
-"""Magnitude pruning baselines.
-
-* ``MagnitudeRetrain`` — Han et al. 2015 ("Learning both weights and connections"): prune by
-  magnitude with per-layer thresholds T_l = q * std(w_l), retrain, repeat. No regularizer; the
-  training loop prunes at the epoch ends of the sparsification phase (``threshold_mode =
-  "layer"``, the quality q chosen automatically under the validation budget) and the epochs
-  in between retrain the survivors.
-* ``GradualMagnitude`` — Zhu & Gupta 2017 ("To prune, or not to prune"): the sparsity rises
-  from 0 to the target s_f along s_t = s_f (1 - (1 - t/n)^3) over the sparsification phase,
-  pruning the smallest-magnitude weights every ``every`` steps (one global ranking).
-"""
+"""Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune"): the sparsity
+rises from 0 to the target s_f along s_t = s_f (1 - (1 - t/n)^3) over the sparsification
+phase, pruning the smallest-magnitude weights every ``every`` steps (one global ranking)."""
 
 from __future__ import annotations
 
 import torch
 
-from . import Method
-
-
-class MagnitudeRetrain(Method):
-    name = "magnitude"
-    uses_threshold = True
+from ..errors import ConfigError
+from .base import Method, MethodContext
 
 
 class GradualMagnitude(Method):
     name = "gmp"
+    quick_settings = {"gmp_every": 5}
 
     def __init__(self, pruner, target_sparsity: float, total_steps: int, every: int = 100):
         if not 0.0 < target_sparsity < 1.0:
-            from ..errors import ConfigError
             raise ConfigError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
         self.pruner = pruner
         self.target = float(target_sparsity)
         self.total = max(1, int(total_steps))
         self.every = max(1, int(every))
         self.t = 0
+
+    @classmethod
+    def from_config(cls, cfg, ctx: MethodContext) -> "GradualMagnitude":
+        sparsify_epochs = cfg.epochs - cfg.warmup_epochs - cfg.finetune_epochs
+        return cls(ctx.pruner, cfg.target_sparsity, sparsify_epochs * ctx.steps_per_epoch,
+                   every=cfg.gmp_every)
 
     def sparsity_at(self, t: int) -> float:
         frac = min(1.0, t / self.total)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Method
+from .base import Method, MethodContext
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_THRESHOLD = 3.0
@@ -71,8 +71,13 @@ class SparseVD(Method):
                 self.layers.append(mod)
         self.active = True
 
-    def new_params(self) -> list[nn.Parameter]:
-        """The log sigma^2 parameters: the caller adds them to its optimizer."""
+    @classmethod
+    def from_config(cls, cfg, ctx: MethodContext) -> "SparseVD":
+        return cls(ctx.model, ctx.n_train, pruner=ctx.pruner,
+                   kl_warmup_steps=cfg.vd_kl_warmup_epochs * ctx.steps_per_epoch)
+
+    def extra_params(self) -> list[nn.Parameter]:
+        """The log sigma^2 parameters: the loop adds them to its optimizer (no weight decay)."""
         return [m.log_sigma2 for m in self.layers]
 
     def kl(self) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""Every training method behind one small interface (``base.Method``), and the registry.
+
+The training loop never names a method: it builds one with :func:`make_method` and calls the
+interface. A new method is one file in this package plus one entry in ``REGISTRY``
+(README, "Writing a new method").
+"""
+
+from __future__ import annotations
+
+from .base import Method, MethodContext
+from .gmp import GradualMagnitude
+from .l1 import L1Decay
+from .l2 import L2Decay
+from .magnitude import MagnitudeRetrain
+from .none import Dense
+from .sensitivity import Sensitivity
+from .sparse_vd import SparseVD
+
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (
+    Dense, Sensitivity, L2Decay, L1Decay, MagnitudeRetrain, GradualMagnitude, SparseVD)}
+METHOD_NAMES = tuple(REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    return REGISTRY[name]
+
+
+def make_method(cfg, ctx: MethodContext) -> Method:
+    """The method named by ``cfg.method``, built for the model and optimizer in ``ctx``."""
+    return REGISTRY[cfg.method].from_config(cfg, ctx)
+
+
+__all__ = ["Method", "MethodContext", "REGISTRY", "METHOD_NAMES", "method_class", "make_method",
+           "Dense", "Sensitivity", "L2Decay", "L1Decay", "MagnitudeRetrain", "GradualMagnitude",
+           "SparseVD"]
