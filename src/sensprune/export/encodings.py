@@ -1,0 +1,157 @@
+"""Tensor encodings of the export format: an encoder and a decoder per layout.
+
+Each parameter is stored in the smallest of
+  * ``dense``      — all values;
+  * ``csr``        — row pointers + column indices (narrowest unsigned dtype that fits) +
+                     values, over the tensor viewed as (shape[0], rest);
+  * ``bitmask``    — one bit per entry (packed) + the non-zero values;
+  * ``delta8``     — the positions of the non-zeros of the flattened tensor as uint8 gaps
+                     from the previous one (gaps over 255 take filler entries with value 0),
+                     as in Deep Compression's relative indexing;
+  * ``csr-delta8``   — the same gaps within each row, plus row pointers (wins when whole rows,
+                     i.e. dead neurons, are empty).
+Values are fp32 (default), fp16, or int8 with one fp32 scale per tensor (symmetric; 1-D
+tensors such as biases are stored fp16 in int8 mode). The container (``container.py``)
+records each tensor's layout in its header.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+
+VALUE_FORMATS = ("fp32", "fp16", "int8")
+_UINTS = (np.uint8, np.uint16, np.uint32, np.uint64)
+
+
+def index_dtype(max_value: int) -> np.dtype:
+    """Narrowest unsigned dtype that holds ``max_value``."""
+    for dt in _UINTS:
+        if max_value <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise ValueError(f"index {max_value} too large")
+
+
+# -- encoding -------------------------------------------------------------------------------------
+def _values(v: np.ndarray, fmt: str) -> tuple[np.ndarray, float | None]:
+    if fmt == "fp32":
+        return v.astype(np.float32), None
+    if fmt == "fp16":
+        return v.astype(np.float16), None
+    scale = float(np.abs(v).max()) / 127.0 if v.size else 0.0
+    if scale == 0.0:
+        return np.zeros(v.shape, np.int8), 1.0
+    return np.clip(np.round(v / scale), -127, 127).astype(np.int8), scale
+
+
+def _csr(mat: np.ndarray):
+    rows, cols = np.nonzero(mat)
+    indptr = np.zeros(mat.shape[0] + 1, dtype=np.int64)
+    np.add.at(indptr, rows + 1, 1)
+    return np.cumsum(indptr), rows, cols
+
+
+def candidate_encodings(t: torch.Tensor, fmt: str) -> dict[str, tuple[dict[str, np.ndarray], float | None]]:
+    """Every encoding of one tensor: {name: (arrays, int8 scale or None)}."""
+    a = t.detach().cpu().numpy().astype(np.float32)
+    flat = a.reshape(-1)
+    mat = a.reshape(a.shape[0], -1) if a.ndim >= 2 else a.reshape(1, -1)
+    candidates: list[tuple[str, dict[str, np.ndarray], float | None]] = []
+
+    vals, scale = _values(flat, fmt)
+    candidates.append(("dense", {"values": vals}, scale))
+
+    nz = flat != 0
+    indptr, rows, cols = _csr(mat)
+    nnz_vals, scale_nz = _values(mat[rows, cols], fmt)
+    candidates.append(("bitmask", {"mask": np.packbits(nz), "values": nnz_vals}, scale_nz))
+    candidates.append(("csr", {
+        "indptr": indptr.astype(index_dtype(int(indptr[-1]))),
+        "indices": cols.astype(index_dtype(max(mat.shape[1] - 1, 0))),
+        "values": nnz_vals}, scale_nz))
+    # relative indices: uint8 gaps between successive non-zeros of the flattened tensor; a
+    # gap over 255 takes filler entries (value 0). No row pointers are needed.
+    pos = np.flatnonzero(nz)
+    gap = np.diff(pos, prepend=-1)
+    fill = (gap - 1) // 255
+    last = np.cumsum(fill + 1) - 1  # where each real entry lands
+    gaps = np.full(int(last[-1]) + 1 if len(last) else 0, 255, dtype=np.uint8)
+    gaps[last] = gap - 255 * fill
+    d_vals = np.zeros(len(gaps), np.float32)
+    d_vals[last] = flat[pos]
+    dvals, dscale = _values(d_vals, fmt)
+    candidates.append(("delta8", {"gaps": gaps, "values": dvals}, dscale))
+
+    # the same per row (row pointers + gaps within each row): better when rows are empty
+    prev = np.full(len(cols), -1, dtype=np.int64)
+    same_row = np.zeros(len(cols), dtype=bool)
+    same_row[1:] = rows[1:] == rows[:-1]
+    prev[1:][same_row[1:]] = cols[:-1][same_row[1:]]
+    gap = cols.astype(np.int64) - prev
+    fill = (gap - 1) // 255
+    last = np.cumsum(fill + 1) - 1  # where each real entry lands
+    gaps = np.full(int(last[-1]) + 1 if len(last) else 0, 255, dtype=np.uint8)
+    gaps[last] = gap - 255 * fill
+    d_vals = np.zeros(len(gaps), np.float32)
+    d_vals[last] = mat[rows, cols]
+    per_row = np.bincount(rows, weights=fill + 1, minlength=mat.shape[0]).astype(np.int64)
+    d_ptr = np.concatenate([[0], np.cumsum(per_row)])
+    dvals, dscale = _values(d_vals, fmt)
+    candidates.append(("csr-delta8", {"indptr": d_ptr.astype(index_dtype(int(d_ptr[-1]))),
+                                      "gaps": gaps, "values": dvals}, dscale))
+
+    return {name: (arrays, sc) for name, arrays, sc in candidates}
+
+
+def _nbytes(arrays: dict[str, np.ndarray]) -> int:
+    return sum(v.nbytes for v in arrays.values())
+
+
+def _encode_tensor(name: str, t: torch.Tensor, fmt: str) -> tuple[dict, dict[str, np.ndarray], int]:
+    """(layer metadata, arrays, min(CSR, bitmask) bytes) of the smallest encoding of a tensor."""
+    cands = candidate_encodings(t, fmt)
+    enc = min(cands, key=lambda k: _nbytes(cands[k][0]))
+    arrays, sc = cands[enc]
+    meta = {"shape": list(t.shape), "encoding": enc, "nnz": int(torch.count_nonzero(t)),
+            "bytes": _nbytes(arrays)}
+    if sc is not None:
+        meta["scale"] = sc
+    reference = min(_nbytes(cands["csr"][0]), _nbytes(cands["bitmask"][0]))
+    return meta, {f"{name}/{k}": v for k, v in arrays.items()}, reference
+
+
+def _decode_tensor(name: str, meta: dict, arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    shape = tuple(meta["shape"])
+    numel = int(np.prod(shape)) if shape else 1
+    vals = arrays[f"{name}/values"].astype(np.float32)
+    if "scale" in meta:
+        vals = vals * np.float32(meta["scale"])
+    enc = meta["encoding"]
+    if enc == "dense":
+        return torch.from_numpy(vals.reshape(shape).copy())
+    rows = shape[0] if len(shape) >= 2 else 1
+    cols = numel // max(rows, 1)
+    out = np.zeros(numel, np.float32)
+    if enc == "bitmask":
+        mask = np.unpackbits(arrays[f"{name}/mask"], count=numel).astype(bool)
+        out[mask] = vals
+    elif enc == "csr":
+        indptr = arrays[f"{name}/indptr"].astype(np.int64)
+        r = np.repeat(np.arange(rows), np.diff(indptr))
+        out[r * cols + arrays[f"{name}/indices"].astype(np.int64)] = vals
+    elif enc == "delta8":
+        pos = np.cumsum(arrays[f"{name}/gaps"].astype(np.int64)) - 1
+        keep = vals != 0
+        out[pos[keep]] = vals[keep]
+    elif enc == "csr-delta8":
+        indptr = arrays[f"{name}/indptr"].astype(np.int64)
+        csum = np.concatenate([[0], np.cumsum(arrays[f"{name}/gaps"].astype(np.int64))])
+        r = np.repeat(np.arange(rows), np.diff(indptr))
+        c = csum[1:] - csum[indptr[:-1]][r] - 1  # column = gaps summed within the row, - 1
+        keep = vals != 0
+        out[r[keep] * cols + c[keep]] = vals[keep]
+    else:
+        raise CheckpointError(f"unknown encoding {enc!r} for {name}")
+    return torch.from_numpy(out.reshape(shape))
