@@ -42,7 +42,8 @@ def _nonneg_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import METHODS, RECIPES_DIR
+    from .config import RECIPES_DIR
+    from .methods import REGISTRY
     from .data import DATASETS
     from .models import MODELS
 
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=_nonneg_float)
     t.add_argument("--schedule", choices=["none", "cosine", "step"])
     t.add_argument("--seed", type=int)
-    t.add_argument("--method", choices=METHODS, help="sensitivity (default), a baseline, "
+    t.add_argument("--method", choices=tuple(REGISTRY), help="sensitivity (default), a baseline, "
                    "or none (dense)")
     t.add_argument("--kind", choices=["specific", "unspecific"])
     t.add_argument("--reduction", choices=["sample", "batch"])

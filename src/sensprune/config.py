@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .methods import METHOD_NAMES as METHODS
+from .methods import METHOD_NAMES as METHODS, REGISTRY
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 # Learning rates that converge with the bundled models (SGD with momentum 0.9); Adam and AdamW
@@ -87,7 +87,7 @@ class TrainConfig:
         choices = {
             "optimizer": ("sgd", "adam", "adamw"),
             "schedule": ("none", "cosine", "step"),
-            "method": METHODS,
+            "method": tuple(REGISTRY),  # read now: a method registered at run time counts
             "kind": ("specific", "unspecific"),
             "reduction": ("sample", "batch"),
             "outputs": ("logits", "probs"),
