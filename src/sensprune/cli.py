@@ -42,10 +42,11 @@ def _nonneg_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import RECIPES_DIR
+    from .config import CHOICES, RECIPES_DIR
     from .methods import REGISTRY
     from .data import DATASETS
     from .models import MODELS
+    from .export.encodings import VALUE_FORMATS
 
     p = _Parser(prog="sensprune", description="Train sparse networks with "
                 "sensitivity-driven regularization (Tartaglione et al., NeurIPS 2018).")
@@ -65,44 +66,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit-train", type=_positive_int, metavar="N",
                    help="use only the first N training samples")
     t.add_argument("--val-size", type=int, help="validation samples held out of train (5000)")
-    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    t.add_argument("--optimizer", choices=CHOICES["optimizer"])
     t.add_argument("--lr", type=_nonneg_float, help="learning rate (default: per model and "
                    "optimizer, e.g. 0.05 for lenet300, 0.02 for lenet5 with SGD; 1e-3 with Adam)")
     t.add_argument("--momentum", type=_nonneg_float)
     t.add_argument("--weight-decay", type=_nonneg_float)
-    t.add_argument("--schedule", choices=["none", "cosine", "step"])
+    t.add_argument("--schedule", choices=CHOICES["schedule"])
     t.add_argument("--seed", type=int)
     t.add_argument("--method", choices=tuple(REGISTRY), help="sensitivity (default), a baseline, "
                    "or none (dense)")
-    t.add_argument("--kind", choices=["specific", "unspecific"])
-    t.add_argument("--reduction", choices=["sample", "batch"])
-    t.add_argument("--outputs", choices=["logits", "probs"])
+    t.add_argument("--kind", choices=CHOICES["kind"])
+    t.add_argument("--reduction", choices=CHOICES["reduction"])
+    t.add_argument("--outputs", choices=CHOICES["outputs"])
     t.add_argument("--lam", type=_nonneg_float, help="regularization factor lambda")
     t.add_argument("--lam-lr-scaled", action="store_true", default=None,
                    help="multiply lambda by the current learning rate")
     t.add_argument("--sens-every", type=_positive_int, help="recompute S every N steps")
     t.add_argument("--output-samples", type=int, help="unspecific kind with many classes: "
                    "estimate S from K outputs drawn per step (0: all, exact)")
-    t.add_argument("--regularize", choices=["weights", "weights+biases", "all"])
-    t.add_argument("--normalize", choices=["none", "mean", "max", "quantile"],
+    t.add_argument("--regularize", choices=CHOICES["regularize"])
+    t.add_argument("--normalize", choices=CHOICES["normalize"],
                    help="divide S by a per-layer statistic before max(0, 1 - beta*S) "
                    "(none: the paper's literal form)")
     t.add_argument("--beta", type=_nonneg_float, help="scale of S in max(0, 1 - beta*S/norm)")
     t.add_argument("--quantile", type=_nonneg_float, help="--normalize quantile: which one (0-1)")
     t.add_argument("--times-weight", action="store_true", default=None,
                    help="insensitivity of |w|*S (the weight's contribution) instead of S")
-    t.add_argument("--batchnorm", choices=["frozen", "exact"],
+    t.add_argument("--batchnorm", choices=CHOICES["batchnorm"],
                    help="BatchNorm in the sensitivity: batch statistics as constants (frozen, "
                    "fast) or differentiated through (exact, one backward per sample)")
-    t.add_argument("--sens-source", choices=["outputs", "loss"],
+    t.add_argument("--sens-source", choices=CHOICES["sens_source"],
                    help="outputs: the paper's dy/dw; loss: |dL/dw| (no extra cost)")
     t.add_argument("--threshold", help="'auto' (largest T within the validation budget), "
                    "'none', or a value T")
-    t.add_argument("--threshold-mode", choices=["global", "layer"])
+    t.add_argument("--threshold-mode", choices=CHOICES["threshold_mode"])
     t.add_argument("--val-budget", type=_nonneg_float,
                    help="auto threshold: allowed validation error increase, in points")
     t.add_argument("--prune-every", type=_positive_int, help="threshold every N epochs")
-    t.add_argument("--threshold-ref", choices=["epoch", "start", "best"],
+    t.add_argument("--threshold-ref", choices=CHOICES["threshold_ref"],
                    help="auto threshold's reference error: each epoch's own (epoch), the one "
                    "measured when sparsification starts (start), or the lowest so far (best)")
     t.add_argument("--prune-patience", type=int, help="prune only once the validation loss "
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-sparsity", type=_nonneg_float, help="gmp: final sparsity (0-1)")
     t.add_argument("--finetune-lr", type=_nonneg_float, help="constant lr of the fine-tuning "
                    "phase (default: keep the schedule)")
-    t.add_argument("--finetune-schedule", choices=["constant", "cosine"],
+    t.add_argument("--finetune-schedule", choices=CHOICES["finetune_schedule"],
                    help="fine-tuning lr: constant, or cosine from --finetune-lr to 0")
     t.add_argument("--init-from", metavar="RUN", help="start from a trained run (directory or "
                    "model.pt); its zero weights stay zero (fine-tune a pruned model)")
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--finetune-epochs", type=int)
     t.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
     t.add_argument("--workers", type=int, help="DataLoader workers (ImageFolder datasets)")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--device", choices=CHOICES["device"])
     t.add_argument("--no-amp", dest="amp", action="store_false", default=None,
                    help="CUDA: no bfloat16 autocast")
     t.add_argument("--out", help="run directory (summary.json, checkpoint.pt, ...)")
@@ -143,14 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "take the run's own.")
     ins.add_argument("run", help="a run directory (model.pt + summary.json, or checkpoint.pt)")
     ins.add_argument("--images", type=_positive_int, default=100)
-    ins.add_argument("--kind", choices=["specific", "unspecific"])
-    ins.add_argument("--outputs", choices=["logits", "probs"])
-    ins.add_argument("--reduction", choices=["sample", "batch"])
-    ins.add_argument("--normalize", choices=["none", "mean", "max", "quantile"])
+    ins.add_argument("--kind", choices=CHOICES["kind"])
+    ins.add_argument("--outputs", choices=CHOICES["outputs"])
+    ins.add_argument("--reduction", choices=CHOICES["reduction"])
+    ins.add_argument("--normalize", choices=CHOICES["normalize"])
     ins.add_argument("--beta", type=_nonneg_float)
     ins.add_argument("--quantile", type=_nonneg_float)
     ins.add_argument("--times-weight", action="store_true", default=None)
-    ins.add_argument("--sens-source", dest="source", choices=["outputs", "loss"])
+    ins.add_argument("--sens-source", dest="source", choices=CHOICES["sens_source"])
     ins.add_argument("--png", help="histograms (default: RUN/sensitivity.png for a directory)")
     ins.add_argument("--json", metavar="FILE", help="write the statistics as JSON")
     ins.add_argument("--data-dir")
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a compact sparse file (and optionally ONNX)")
     ex.add_argument("checkpoint", help="a run directory, its checkpoint.pt or its model.pt")
     ex.add_argument("-o", "--output", required=True, help="output file (.safetensors)")
-    ex.add_argument("--values", choices=["fp32", "fp16", "int8"], default="fp32")
+    ex.add_argument("--values", choices=VALUE_FORMATS, default="fp32")
     ex.add_argument("--onnx", metavar="FILE", help="also export ONNX and check it against torch")
     ex.add_argument("--data-dir")
     ex.add_argument("--json", metavar="FILE", help="write the size/accuracy report as JSON")
@@ -215,28 +216,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .checkpoint import load_run_model
-    from .data import load_dataset
-    from .pruning import sparsity_report
-    from .train import evaluate
+    from .report import evaluation_text
+    from .train import evaluate_run
 
-    cfg, model = load_run_model(args.checkpoint)
-    splits = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, cfg.val_size)
-    test_err, test_loss = evaluate(model, splits.test)
-    val_err, _ = evaluate(model, splits.val)
-    sp = sparsity_report(model)
-    result = {"test_error": test_err, "test_loss": test_loss, "val_error": val_err,
-              "total_params": sp["total_params"], "nonzero_params": sp["nonzero_params"],
-              "compression_ratio": sp["compression_ratio"],
-              "remaining_per_layer": {n: v["remaining_percent"] for n, v in sp["layers"].items()}}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{cfg.model} on {cfg.dataset}: test error {test_err:.2f}%  val error "
-              f"{val_err:.2f}%  nonzero {sp['nonzero_params']:,}/{sp['total_params']:,}  "
-              f"compression {sp['compression_ratio']:.1f}x")
-        for n, v in sp["layers"].items():
-            print(f"  {n:30s} {v['remaining_percent']:7.2f}% remaining")
+    result = evaluate_run(args.checkpoint, args.data_dir)
+    print(json.dumps(result, indent=2) if args.json else evaluation_text(result))
     return 0
 
 
@@ -245,9 +229,9 @@ def cmd_report(args) -> int:
 
     table = Path(args.run_dir) / "table.json"
     if table.exists():  # a `sensprune reproduce` directory: the table, and the plot redrawn
-        from .reproduce import plot_pareto, table_markdown
+        from .report import comparison_markdown, plot_pareto
         result = json.loads(table.read_text())
-        print(table_markdown(result))
+        print(comparison_markdown(result))
         png = plot_pareto(result, Path(args.run_dir) / "pareto.png")
         print(f"wrote {png}" if png else "(install matplotlib for pareto.png)")
         return 0
@@ -261,14 +245,15 @@ def cmd_report(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .diagnose import inspect_run, table_markdown
+    from .diagnose import inspect_run
+    from .report import inspect_markdown
 
     run = Path(args.run)
     png = args.png or (run / "sensitivity.png" if run.is_dir() else None)
     result = inspect_run(run, images=args.images, png=png, data_dir=args.data_dir,
                          **{k: getattr(args, k) for k in ("kind", "outputs", "reduction",
                             "normalize", "beta", "quantile", "times_weight", "source")})
-    print(table_markdown(result))
+    print(inspect_markdown(result))
     if result.get("png"):
         print(f"wrote {result['png']}")
     if args.json:
@@ -291,9 +276,11 @@ def _number_list(text: str | None, flag: str, cast=float) -> list | None:
 
 def cmd_export(args) -> int:
     from .export import export_checkpoint
+    from .report import export_text
 
     result = export_checkpoint(args.checkpoint, args.output, values=args.values,
                                data_dir=args.data_dir, onnx_path=args.onnx)
+    print(export_text(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
@@ -303,19 +290,11 @@ def cmd_bench_infer(args) -> int:
     import torch
 
     from .export import bench_inference
+    from .report import bench_infer_markdown
 
     torch.set_num_threads(args.threads)
     r = bench_inference(args.file, reps=args.reps)
-    print(f"{args.file}: median of {r['reps']} runs, {r['threads']} thread(s), torch {r['torch']}")
-    print("| layer | batch | density | dense us | sparse us | dense/sparse |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for row in r["layers"]:
-        print(f"| {row['layer']} | {row['batch']} | {row['density']:.4f} | {row['dense_us']:.1f} | "
-              f"{row['sparse_us']:.1f} | {row['speedup']:.2f} |")
-    print("| **whole model** | batch | | dense us | sparse us | auto us |")
-    for b in sorted({int(k.split('@')[1]) for k in r["model_us"]}):
-        m = r["model_us"]
-        print(f"| | {b} | | {m[f'dense@{b}']:.1f} | {m[f'sparse@{b}']:.1f} | {m[f'auto@{b}']:.1f} |")
+    print(bench_infer_markdown(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
     return 0
@@ -363,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         print("sensprune: interrupted; the last finished epoch is in the checkpoint "
               "(continue with --resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sensprune ... | head`: the reader left; nothing went wrong here
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -10,9 +10,26 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .methods import METHOD_NAMES as METHODS, REGISTRY
+from .methods import REGISTRY
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+# The allowed values of every setting that takes a name: validation and the CLI's choices
+# both read this one table (the methods come from their registry).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("sgd", "adam", "adamw"),
+    "schedule": ("none", "cosine", "step"),
+    "kind": ("specific", "unspecific"),
+    "reduction": ("sample", "batch"),
+    "outputs": ("logits", "probs"),
+    "regularize": ("weights", "weights+biases", "all"),
+    "threshold_mode": ("global", "layer"),
+    "normalize": ("none", "mean", "max", "quantile"),
+    "sens_source": ("outputs", "loss"),
+    "batchnorm": ("frozen", "exact"),
+    "threshold_ref": ("epoch", "start", "best"),
+    "finetune_schedule": ("constant", "cosine"),
+    "device": ("auto", "cpu", "cuda"),
+}
 # Learning rates that converge with the bundled models (SGD with momentum 0.9); Adam and AdamW
 # use 1e-3 for every model. 0.1 diverged on LeNet-5 in its first epoch.
 DEFAULT_LR = {"lenet300": 0.05, "lenet5": 0.02, "resnet32": 0.1, "vgg16": 0.01}
@@ -84,22 +101,8 @@ class TrainConfig:
         if self.lr is None:
             self.lr = DEFAULT_LR_ADAM if self.optimizer in ("adam", "adamw") else \
                 DEFAULT_LR.get(self.model, DEFAULT_LR_OTHER)
-        choices = {
-            "optimizer": ("sgd", "adam", "adamw"),
-            "schedule": ("none", "cosine", "step"),
-            "method": tuple(REGISTRY),  # read now: a method registered at run time counts
-            "kind": ("specific", "unspecific"),
-            "reduction": ("sample", "batch"),
-            "outputs": ("logits", "probs"),
-            "regularize": ("weights", "weights+biases", "all"),
-            "threshold_mode": ("global", "layer"),
-            "normalize": ("none", "mean", "max", "quantile"),
-            "sens_source": ("outputs", "loss"),
-            "batchnorm": ("frozen", "exact"),
-            "threshold_ref": ("epoch", "start", "best"),
-            "finetune_schedule": ("constant", "cosine"),
-            "device": ("auto", "cpu", "cuda"),
-        }
+        # the registry is read now: a method registered at run time counts
+        choices = {**CHOICES, "method": tuple(REGISTRY)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; "

@@ -22,6 +22,7 @@ from .checkpoint import load_run_model
 from .data import load_dataset
 from .models import prunable_weights
 from .regularizer import insensitivity
+from .report import plot_histograms
 from .sensitivity import sensitivity
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -99,47 +100,3 @@ def inspect_run(path: str | Path, images: int = 100, png: str | Path | None = No
         plot_histograms(result, png, title=f"{cfg.model}: {Path(path).name}")
         result["png"] = str(png)
     return result
-
-
-def table_markdown(result: dict) -> str:
-    st = result["settings"]
-    form = "max(0, 1 - " + (f"{st['beta']:g}*" if st["beta"] != 1 else "") + \
-        ("|w|*S" if st["times_weight"] else "S") + \
-        (f" / {st['normalize']}_layer" if st["normalize"] != "none" else "") + ")"
-    lines = [f"S: {st['kind']}, {st['outputs']}, {st['reduction']} reduction, source "
-             f"{st['source']}, {st['images']} images; decay factor d = {form}; kept weights only.",
-             "", "| layer | kept | median S | 99.9th pct S | share S > 0.1 | mean d | CV of d | "
-             "d = 0 | d > 0.99 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for n, v in result["layers"].items():
-        lines.append(f"| {n} | {v['kept']:,} | {v['S_q0.5']:.2e} | {v['S_q0.999']:.2e} | "
-                     f"{100 * v['share_S_above_0.1']:.1f}% | {v['decay_mean']:.3f} | "
-                     f"{v['decay_cv']:.3f} | {100 * v['share_not_decayed']:.1f}% | "
-                     f"{100 * v['share_full_decay']:.1f}% |")
-    lines += ["", "Plain weight decay is d = 1 everywhere (CV 0); the further the CV from 0, "
-              "the more the decay picks among weights."]
-    return "\n".join(lines)
-
-
-def plot_histograms(result: dict, path: str | Path, title: str = "") -> Path | None:
-    """Per layer: histogram of log10 S (left) and of the decay factor d (right)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    values = result["_values"]
-    fig, axes = plt.subplots(len(values), 2, figsize=(8, 1.9 * len(values) + 0.6), squeeze=False)
-    for (n, (s, d)), (a1, a2) in zip(values.items(), axes):
-        s = s.double()
-        a1.hist(torch.log10(s[s > 0]).numpy(), bins=60, color="tab:blue")
-        a1.set_ylabel(n, fontsize=7)
-        a2.hist(d.double().numpy(), bins=50, range=(0, 1), color="tab:orange")
-        a2.set_yscale("log")
-    axes[-1][0].set_xlabel("log10 S")
-    axes[-1][1].set_xlabel("decay factor d = max(0, 1 - beta*S/norm)")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 import sys
 import time
 import tomllib
@@ -31,6 +30,7 @@ from .errors import CheckpointError, ConfigError
 from .models import build_model, prunable_weights, use_channels_last
 from .checkpoint import CHECKPOINT, load_checkpoint, write_text_atomic
 from .methods import method_class
+from .report import CURVE_MULTIPLES, comparison_markdown, plot_pareto
 from .train import evaluate, train
 
 EXPERIMENTS = ("lenet300", "lenet5", "lenet5-fashion")
@@ -148,7 +148,7 @@ def reproduce(
                         "threads": torch.get_num_threads()},
     }
     write_text_atomic(json.dumps(result, indent=2) + "\n", out / "table.json")
-    write_text_atomic(table_markdown(result), out / "table.md")
+    write_text_atomic(comparison_markdown(result), out / "table.md")
     plot_pareto(result, out / "pareto.png")
     return result
 
@@ -156,7 +156,6 @@ def reproduce(
 # Each final model is also magnitude-pruned further, without retraining, to these multiples
 # of its own compression: a cheap trade-off curve per method (how much of each method's
 # accuracy survives more pruning), drawn from each trained point in pareto.png.
-CURVE_MULTIPLES = (1.5, 2, 3, 5, 8)
 
 
 @torch.no_grad()
@@ -213,120 +212,3 @@ def _checkpoint_config(cfg) -> dict | None:
 
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-
-
-def table_markdown(result: dict) -> str:
-    rows = result["rows"]
-    layers = list(rows[0]["remaining_per_layer"]) if rows else []
-    head = ["method"] + [f"{n} %" for n in layers] + [
-        "compression", "test err %", "val err %", "epochs", "train s"]
-    lines = [f"## {result['experiment']}" + (" (quick mode: subset, numbers not meaningful)"
-                                              if result["quick"] else ""), "",
-             f"Command: `{result.get('command')}`; seed {result.get('seed')}; "
-             f"wall time {result['wall_seconds'] / 60:.1f} min; torch "
-             f"{result['environment']['torch']}, {result['environment']['threads']} thread(s)."
-             + _reuse_note(rows) if "command" in result else "", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["label"]] + [f"{r['remaining_per_layer'][n]:.2f}" for n in layers] + [
-            f"{r['compression_ratio']:.1f}x", f"{r['test_error']:.2f}", f"{r['val_error']:.2f}",
-            str(r["epochs"]), f"{r['train_seconds']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    groups = seed_groups(rows)
-    if any(len(g) > 1 for g in groups.values()):
-        lines += ["", "Mean over seeds (rows named `<label>-s<seed>` join `<label>`; compression "
-                  "as the mean and the range, test error as the mean and the sample std):", "",
-                  "| method | seeds | compression | range | test err % | std |",
-                  "|---|---|---|---|---|---|"]
-        for label, g in groups.items():
-            lines.append(f"| {label} | {','.join(str(r.get('seed', '?')) for r in g)} | "
-                         f"{g_mean(g, 'compression_ratio'):.1f}x | "
-                         f"{min(r['compression_ratio'] for r in g):.1f}–"
-                         f"{max(r['compression_ratio'] for r in g):.1f}x | "
-                         f"{g_mean(g, 'test_error'):.2f} | {g_std(g, 'test_error'):.2f} |")
-    if any(r.get("curve") for r in rows):
-        lines += ["", "Each final model pruned further by one global magnitude threshold, "
-                  "without retraining (compression, test error %):", "",
-                  "| method | " + " | ".join(f"x{m:g}" for m in CURVE_MULTIPLES) + " |",
-                  "|---|" + "---|" * len(CURVE_MULTIPLES)]
-        for r in rows:
-            pts = [f"{p['compression_ratio']:.3g}x: {p['test_error']:.2f}" for p in r.get("curve", [])]
-            pts += ["–"] * (len(CURVE_MULTIPLES) - len(pts))
-            lines.append(f"| {r['label']} | " + " | ".join(pts) + " |")
-    if result["published"]:
-        lines += ["", "Published reference points (their own papers, not rerun here):", ""]
-        lines += [f"- {p['label']}: {p['compression_ratio']}x at {p['test_error']}%"
-                  for p in result["published"]]
-    lines.append("")
-    return "\n".join(lines)
-
-
-def seed_groups(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows grouped by label, with a trailing ``-s<seed>`` removed (in table order)."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(re.sub(r"-s\d+$", "", r["label"]), []).append(r)
-    return groups
-
-
-def g_mean(rows: list[dict], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
-
-
-def g_std(rows: list[dict], key: str) -> float:
-    if len(rows) < 2:
-        return 0.0
-    m = g_mean(rows, key)
-    return (sum((r[key] - m) ** 2 for r in rows) / (len(rows) - 1)) ** 0.5
-
-
-def _reuse_note(rows: list[dict]) -> str:
-    reused = [r["label"] for r in rows if r.get("run") == "reused"]
-    if not reused:
-        return ""
-    return (f" Rows trained by earlier calls with the same settings and reused here: "
-            f"{', '.join(reused)} (their train s is their own training time).")
-
-
-def plot_pareto(result: dict, path: Path) -> Path | None:
-    """Test error against compression (log axis): one point per run, a dotted line from it
-    for its further-pruned curve (no retraining), published points as black stars."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    # one series per row label; a lambda sweep ("sensitivity lam=3e-4") joins its base row
-    series: dict[str, list[dict]] = {}
-    for r in result["rows"]:
-        series.setdefault(r["label"].split(" lam=")[0], []).append(r)
-    markers = "os^Dv<>pXh*"
-    for i, (label, rs) in enumerate(series.items()):
-        rs = sorted(rs, key=lambda r: r["compression_ratio"])
-        line, = ax.plot([r["compression_ratio"] for r in rs], [r["test_error"] for r in rs],
-                        marker=markers[i % len(markers)], linestyle="-" if len(rs) > 1 else "none",
-                        label=label)
-        for r in rs:  # pruned further without retraining: dotted, same colour
-            pts = [r] + r.get("curve", [])
-            ax.plot([p["compression_ratio"] for p in pts], [p["test_error"] for p in pts],
-                    linestyle=":", linewidth=1, color=line.get_color())
-    for p in result["published"]:
-        ax.scatter([p["compression_ratio"]], [p["test_error"]], marker="*", s=90, c="k")
-        ax.annotate(p["label"], (p["compression_ratio"], p["test_error"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
-    # the further-pruned curves climb to chance level; keep the trained points readable
-    errors = [r["test_error"] for r in result["rows"]] + [p["test_error"] for p in result["published"]]
-    if errors:
-        ax.set_ylim(0, 2 * max(errors))
-    ax.set_xscale("log")
-    ax.set_xlabel("compression |θ| / |θ≠0| (log)")
-    ax.set_ylabel("test error %")
-    ax.set_title(result["experiment"] + (" (quick)" if result["quick"] else ""))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

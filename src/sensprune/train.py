@@ -68,6 +68,23 @@ def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
     return 100.0 * wrong / n, loss_sum / n
 
 
+def evaluate_run(path: str | Path, data_dir: str | None = None) -> dict:
+    """Test and validation error and per-layer zeros of a trained run (a run directory, its
+    checkpoint.pt or its model.pt): what ``sensprune evaluate`` prints."""
+    from .checkpoint import load_run_model
+
+    cfg, model = load_run_model(path)
+    splits = load_dataset(cfg.dataset, data_dir or cfg.data_dir, cfg.val_size)
+    test_err, test_loss = evaluate(model, splits.test)
+    val_err, _ = evaluate(model, splits.val)
+    sp = sparsity_report(model)
+    return {"model": cfg.model, "dataset": cfg.dataset, "test_error": test_err,
+            "test_loss": test_loss, "val_error": val_err,
+            "total_params": sp["total_params"], "nonzero_params": sp["nonzero_params"],
+            "compression_ratio": sp["compression_ratio"],
+            "remaining_per_layer": {n: v["remaining_percent"] for n, v in sp["layers"].items()}}
+
+
 def resolve_device(name: str, info: "ddp.DistInfo") -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():

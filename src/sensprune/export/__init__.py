@@ -21,10 +21,10 @@ __all__ = ["FORMAT", "VALUE_FORMATS", "SparseLinear", "bench_inference", "build_
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, values: str = "fp32",
-                      data_dir: str | None = None, onnx_path: str | Path | None = None,
-                      log=print) -> dict:
+                      data_dir: str | None = None, onnx_path: str | Path | None = None) -> dict:
     """Export a training checkpoint; measure the test error of each value format (fp32, fp16,
-    int8) against the checkpoint's own, and optionally write and check an ONNX file."""
+    int8) against the checkpoint's own, and optionally write and check an ONNX file. The
+    report (``report.export_text``) says which format was written and what each costs."""
     from ..checkpoint import load_run_model
     from ..data import load_dataset
     from ..pruning import sparsity_report
@@ -55,19 +55,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, values: str = "fp
             chosen = rep
         else:
             target.unlink()
-    log(f"{'values':6s} {'bytes':>9s} {'x smaller':>9s} {'test err %':>10s} {'change':>7s}")
-    for fmt, f in formats.items():
-        mark = "  <- written" if fmt == values else ""
-        log(f"{fmt:6s} {f['file_bytes']:9,d} {f['ratio']:9.1f} {f['test_error']:10.2f} "
-            f"{f['error_change']:+7.2f}{mark}")
-    log(f"dense fp32: {chosen['dense_fp32_bytes']:,} bytes; {out}: {chosen['file_bytes']:,} bytes "
-        f"({chosen['ratio']:.1f}x smaller); checkpoint test error {base_err:.2f}%")
-    for n, m in chosen["layers"].items():
-        log(f"  {n:24s} {m['encoding']:10s} nnz {m['nnz']:8,d}  {m['bytes']:9,d} B")
     result = {"file": str(out), "checkpoint_test_error": base_err, "formats": formats,
               "file_bytes": chosen["file_bytes"], "dense_fp32_bytes": chosen["dense_fp32_bytes"],
-              "ratio": chosen["ratio"], "min_csr_bitmask_bytes": chosen["min_csr_bitmask_bytes"]}
+              "ratio": chosen["ratio"], "min_csr_bitmask_bytes": chosen["min_csr_bitmask_bytes"],
+              "values": values, "layers": chosen["layers"]}
     if onnx_path is not None:
         result["onnx"] = check_onnx(model, onnx_path, info.input_shape, splits.test[0][:256])
-        log(f"ONNX: {onnx_path}, max |onnxruntime - torch| = {result['onnx']['max_abs_diff']:.2e}")
     return result
