@@ -235,3 +235,35 @@ def test_frozen_observe_keeps_the_training_backward_usable():
     assert int(m[1].num_batches_tracked - before) == 1
     for n in ("0.weight", "4.weight", "7.weight"):
         torch.testing.assert_close(reg.insensitivity[n], (1 - ref[n]).clamp(min=0))
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 4, 3, stride=2, padding=1),
+    nn.Conv2d(3, 4, (3, 2), padding=(2, 1), dilation=2, bias=False),
+    nn.Conv1d(3, 4, 5, stride=1, padding=2),
+])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_both_conv_engines_match_brute_force(conv, rows):
+    """unfold + bmm and the grouped weight-gradient convolution give the same per-sample
+    |gradient| sums as one autograd pass per sample and output row."""
+    from sensprune.sensitivity import _conv_grouped, _conv_unfold
+
+    torch.manual_seed(0)
+    shape = (5, 3, 17, 17) if isinstance(conv, nn.Conv2d) else (5, 3, 23)
+    a = torch.randn(shape)
+    z = conv(a)
+    delta = torch.randn(rows, *z.shape)
+    want_w = torch.zeros_like(conv.weight, dtype=torch.float64)
+    want_b = torch.zeros(conv.out_channels, dtype=torch.float64)
+    for k in range(rows):
+        for n in range(shape[0]):
+            gw, *gb = torch.autograd.grad(conv(a[n:n + 1]), [conv.weight] + (
+                [conv.bias] if conv.bias is not None else []), delta[k, n:n + 1])
+            want_w += 0.5 * gw.double().abs()
+            if gb:
+                want_b += 0.5 * gb[0].double().abs()
+    for engine in (_conv_unfold, _conv_grouped):
+        s_w, s_b = engine(conv, a, delta, 0.5)
+        assert torch.allclose(s_w.double(), want_w, rtol=1e-5, atol=1e-6), engine.__name__
+        if conv.bias is not None:
+            assert torch.allclose(s_b.double(), want_b, rtol=1e-5, atol=1e-6), engine.__name__
