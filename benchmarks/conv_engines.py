@@ -7,7 +7,12 @@ grouped weight-gradient convolution, and of the layer's plain (summed) weight gr
 scale; the engine the fixed rule picks (sensitivity._conv_engine). Part 2: a ResNet-32
 training step (SGD, batch 128, specific kind, BatchNorm frozen) plain, with the sensitivity
 forced onto unfold only (the engine of earlier releases), and with the rule; ratios to plain.
-Medians of interleaved repetitions. Prints tables and writes JSON.
+Part 3, the per-sample-gradient peers on the same layers (one output row): torch.func
+(vmap of grad), and Opacus's and BackPACK's per-sample gradients when they import (they are
+not dependencies: ``pip install --no-deps -t DIR opacus backpack-for-pytorch einops unfoldNd
+opt_einsum scipy`` and PYTHONPATH=DIR), each followed by the same |.| and sum, checked against
+ours. The peers' times include the layer's own forward and backward (they start from the
+input); ours starts from the output gradients the sensitivity's backward already produced. Medians of repetitions. Prints tables and writes JSON.
 
     python benchmarks/conv_engines.py [--threads 1] [--reps 5] [--json results/conv_engines.json]
 """
@@ -21,6 +26,7 @@ import json
 import platform
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -69,6 +75,72 @@ def layer_rows(reps: int) -> list[dict]:
                          "grouped_ms": 1e3 * t_grouped, "plain_weight_grad_ms": 1e3 * t_plain,
                          "rule_picks": sens._conv_engine(conv, a, delta, 1.0).__name__[6:]})
     return rows
+
+
+def peer_rows(reps: int) -> list[dict]:
+    """Per-sample |weight gradient| summed over the batch, one output row, by each peer."""
+    from torch.func import grad, vmap
+
+    rows = []
+    for label, cin, cout, k, st, pd, hw, b in LAYERS:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(cin, cout, k, stride=st, padding=pd)
+        a = torch.randn(b, cin, hw, hw)
+        delta = torch.randn(1, *conv(a).shape)
+        ours = sens._conv_grouped(conv, a, delta, 1.0)[0]
+
+        def func_way():
+            def f(w, x, d):
+                return (F.conv2d(x[None], w, None, st, pd) * d[None]).sum()
+            return vmap(grad(f), in_dims=(None, 0, 0))(conv.weight.detach(), a,
+                                                       delta[0]).abs().sum(0)
+
+        row = {"layer": label, "ours_grouped_ms": 1e3 * median_time(
+            lambda: sens._conv_grouped(conv, a, delta, 1.0), reps)}
+        candidates = {"torch_func": func_way}
+        try:
+            from opacus.grad_sample import GradSampleModule
+            gsm = GradSampleModule(nn.Sequential(conv), loss_reduction="sum")
+
+            def opacus_way():
+                gsm.zero_grad()
+                (gsm(a) * delta[0]).sum().backward()
+                return conv.weight.grad_sample.abs().sum(0)
+            candidates["opacus"] = opacus_way
+        except ImportError:
+            pass
+        try:
+            from backpack import backpack, extend
+            from backpack.extensions import BatchGrad
+            bp = extend(copy_conv(conv))
+
+            def backpack_way():
+                bp.zero_grad()
+                with backpack(BatchGrad()):
+                    (bp(a) * delta[0]).sum().backward()
+                return bp.weight.grad_batch.abs().sum(0)
+            candidates["backpack"] = backpack_way
+        except ImportError:
+            pass
+        for name, fn in candidates.items():
+            with warnings.catch_warnings():  # BackPACK: "full backward hook ... no inputs
+                warnings.simplefilter("ignore")  # require gradients" (true, and harmless)
+                got = fn()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                row[f"{name}_ms"] = 1e3 * median_time(fn, reps)
+            row[f"{name}_max_rel_diff"] = float((got - ours).abs().max() / ours.abs().max())
+        if "opacus" in candidates:
+            gsm._close()
+        rows.append(row)
+    return rows
+
+
+def copy_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    c = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                  conv.padding)
+    c.load_state_dict(conv.state_dict())
+    return c
 
 
 def step_rows(reps: int, batch: int = 128) -> dict:
@@ -122,6 +194,15 @@ def main() -> None:
     for r in rows:
         print(f"| {r['layer']} | {r['output_rows']} | {r['unfold_ms']:.1f} | {r['grouped_ms']:.1f} "
               f"| {r['plain_weight_grad_ms']:.1f} | {r['rule_picks']} |")
+    peers = peer_rows(args.reps)
+    names = [k[:-3] for k in peers[0] if k.endswith("_ms")]
+    print()
+    print("| layer (one output row) | " + " | ".join(f"{n} ms" for n in names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for r in peers:
+        print(f"| {r['layer']} | " + " | ".join(
+            f"{r[n + '_ms']:.1f}" + (f" (diff {r[n + '_max_rel_diff']:.0e})"
+                                     if n + "_max_rel_diff" in r else "") for n in names) + " |")
     st = step_rows(args.reps)
     print()
     print("| model | batch | plain step s | sensitivity, unfold only | sensitivity, rule |")
@@ -130,7 +211,7 @@ def main() -> None:
           f"{st['unfold_only_step_s']:.3f} ({st['ratio_unfold_only']:.2f}x) | "
           f"{st['rule_step_s']:.3f} ({st['ratio_rule']:.2f}x) |")
     with open(args.json, "w") as f:
-        json.dump({"layers": rows, "step": st, "torch": torch.__version__,
+        json.dump({"layers": rows, "peers": peers, "step": st, "torch": torch.__version__,
                    "threads": torch.get_num_threads(), "machine": platform.machine(),
                    "processor": platform.processor()}, f, indent=2)
     print(f"wrote {args.json}")
