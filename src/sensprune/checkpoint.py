@@ -46,6 +46,43 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                               "corrupt or not a sensprune checkpoint") from None
 
 
+def save_run(path: Path, cfg, model, optimizer, scheduler, method, pruner, state: dict) -> None:
+    """Everything a run needs to continue exactly where it stopped, written atomically."""
+    from ._version import __version__
+
+    save_atomic({
+        "version": __version__, "config": cfg.to_dict(), "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "method": method.state_dict(), "pruner": pruner.state_dict(), "state": state,
+    }, path)
+
+
+def restore_run(path: Path, cfg, model, optimizer, scheduler, method, pruner,
+                map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`save_run` into the run's objects and return its
+    loop state; refuses (naming the setting) a checkpoint written with other settings."""
+    from .config import differing_settings
+    from .errors import ConfigError
+
+    ckpt = load_checkpoint(path, map_location=map_location)
+    differ = differing_settings(cfg.to_dict(), ckpt.get("config", {}))
+    if differ:
+        k = differ[0]
+        raise ConfigError(
+            f"--resume: {path} was written with other settings ({k} = "
+            f"{ckpt['config'].get(k)!r} there, {getattr(cfg, k, None)!r} now"
+            + (f"; also {', '.join(differ[1:4])}" if len(differ) > 1 else "")
+            + "); resume with the same settings, or start over with --overwrite")
+    method.load_state_dict(ckpt["method"])  # first: it may change the layers (Sparse VD)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
+    pruner.load_state_dict(ckpt["pruner"])
+    return ckpt["state"]
+
+
 def load_run_model(path: str | Path):
     """(TrainConfig, model with the trained weights) from a run directory (summary.json +
     model.pt, or checkpoint.pt), a checkpoint.pt, or a run's model.pt."""

@@ -21,13 +21,13 @@ import torch.nn.functional as F
 
 from ._version import __version__
 from . import distributed as ddp
-from .config import TrainConfig, differing_settings
+from .config import TrainConfig
 from .data import Splits, batches, load_dataset, num_samples
 from .errors import ConfigError, TrainingDiverged
 from .models import build_model, use_channels_last
 from .pruning import Pruner, ThresholdPolicy, sparsity_report
 from .methods import MethodContext, make_method, method_class
-from .checkpoint import CHECKPOINT, load_checkpoint, save_atomic, write_text_atomic
+from .checkpoint import CHECKPOINT, restore_run, save_atomic, save_run, write_text_atomic
 from .report import summary_markdown
 from .rundir import claim
 
@@ -163,22 +163,7 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
                              "thresholds": []}
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        differ = differing_settings(cfg.to_dict(), ckpt.get("config", {}))
-        if differ:
-            k = differ[0]
-            raise ConfigError(
-                f"--resume: {ckpt_path} was written with other settings ({k} = "
-                f"{ckpt['config'].get(k)!r} there, {getattr(cfg, k, None)!r} now"
-                + (f"; also {', '.join(differ[1:4])}" if len(differ) > 1 else "")
-                + "); resume with the same settings, or start over with --overwrite")
-        method.load_state_dict(ckpt["method"])  # first: it may change the layers (Sparse VD)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if sched is not None and ckpt.get("scheduler"):
-            sched.load_state_dict(ckpt["scheduler"])
-        pruner.load_state_dict(ckpt["pruner"])
-        state = ckpt["state"]
+        state = restore_run(ckpt_path, cfg, model, opt, sched, method, pruner, device)
         _truncate_metrics(out / "metrics.jsonl", state["epoch"])
         log(f"resumed from {ckpt_path} at epoch {state['epoch']}")
     else:  # a fresh start (also --resume with no checkpoint yet): no history to keep
@@ -277,12 +262,7 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
                 f"val {val_err:5.2f}% test {test_err:5.2f}% remaining "
                 f"{sp['remaining_percent']:6.2f}% ({sp['compression_ratio']:.1f}x)"
                 + (f" T={threshold:.3g}" if threshold is not None else ""))
-            save_atomic({
-                "version": __version__, "config": cfg.to_dict(), "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else None,
-                "method": method.state_dict(), "pruner": pruner.state_dict(), "state": state,
-            }, ckpt_path)
+            save_run(ckpt_path, cfg, model, opt, sched, method, pruner, state)
         ddp.barrier()  # the checkpoint exists for every rank before anyone goes on
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             return {"stopped_at_epoch": epoch + 1}
