@@ -47,3 +47,29 @@ def test_resume_under_ddp(tmp_path):
     a = torch.load(tmp_path / "one" / "model.pt")
     b = torch.load(tmp_path / "two" / "model.pt")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def _run(out, *extra, timeout=180):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sensprune", "train"]
+    return subprocess.run(cmd + ARGS + list(extra) + ["--out", str(out)], capture_output=True,
+                          text=True, timeout=timeout)  # a rank left waiting would time out
+
+
+def test_divergence_stops_every_rank(tmp_path):
+    r = _run(tmp_path / "nan", "--lr", "1e6")
+    assert r.returncode != 0
+    assert "training diverged" in r.stderr
+
+
+def test_a_directory_rank_0_cannot_claim_stops_every_rank(tmp_path):
+    import fcntl
+
+    out = tmp_path / "held"
+    out.mkdir()
+    with open(out / ".sensprune.lock", "a+") as held:  # another run holds the directory
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = _run(out, timeout=120)
+    assert r.returncode != 0
+    assert "is writing to" in r.stderr  # rank 0's reason
+    assert "another rank could not claim" in r.stderr  # rank 1 stopped too, not left waiting

@@ -38,7 +38,9 @@ def setup() -> DistInfo:
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # NCCL carries CUDA tensors only; the small CPU tensors of the collectives below
+        # (thresholds, sample counts, flags) travel through gloo in the same group
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -81,6 +83,17 @@ def broadcast_masks(masks: dict[str, torch.Tensor]) -> None:
     if active():
         for m in masks.values():
             dist.broadcast(m, src=0)
+
+
+def all_ok(ok: bool) -> bool:
+    """True when ``ok`` holds on every rank. A rank that fails alone (a directory it cannot
+    claim, a non-finite loss in its slice) must not leave the others waiting in their next
+    collective until its timeout: every rank asks, and all stop together."""
+    if not active():
+        return ok
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def barrier() -> None:

@@ -23,7 +23,7 @@ from ._version import __version__
 from . import distributed as ddp
 from .config import TrainConfig
 from .data import Splits, batches, load_dataset, num_samples
-from .errors import ConfigError, TrainingDiverged
+from .errors import ConfigError, SensPruneError, TrainingDiverged
 from .models import build_model, use_channels_last
 from .pruning import Pruner, ThresholdPolicy, sparsity_report
 from .methods import MethodContext, make_method, method_class
@@ -127,7 +127,16 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
     # arithmetic on subnormals is ~100x slower (a LeNet-300 epoch went from 3 s to 20 s)
     torch.set_flush_denormal(True)
     info = ddp.setup()
-    with claim(cfg.out, resume=resume, overwrite=overwrite, main=info.is_main):
+    with contextlib.ExitStack() as stack:
+        error = None
+        try:
+            stack.enter_context(claim(cfg.out, resume=resume, overwrite=overwrite,
+                                      main=info.is_main))
+        except SensPruneError as exc:
+            error = exc
+        if not ddp.all_ok(error is None):  # every rank starts, or none does
+            raise error or ConfigError(f"another rank could not claim --out {cfg.out}; its "
+                                       "message says why")
         return _train(cfg, info, resume, splits, stop_after_epoch,
                       log if info.is_main else (lambda *_: None))  # only rank 0 reports
 
@@ -209,9 +218,10 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
             # one sync per step, needed anyway for the running loss. Checked after the step, so
             # that under DDP every rank has finished its all-reduce before any of them stops
             batch_loss = float(loss_sum_batch.detach())
-            if not math.isfinite(batch_loss):
+            if not ddp.all_ok(math.isfinite(batch_loss)):  # every rank stops at the same step
                 raise _diverged(cfg, out, epoch, f"step {seen // max(len(y), 1) + 1}",
-                                "the loss is " + str(batch_loss))
+                                f"the loss is {batch_loss}" if not math.isfinite(batch_loss)
+                                else "another rank's loss is not finite")
             loss_sum += batch_loss
             wrong += int((logits.argmax(1) != y).sum())
             seen += len(y)
