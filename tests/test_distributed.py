@@ -63,6 +63,9 @@ def test_divergence_stops_every_rank(tmp_path):
 
 
 def test_a_directory_rank_0_cannot_claim_stops_every_rank(tmp_path):
+    """Rank 1 stops by itself, with a reason, instead of going on into its first collective
+    (torchrun's agent would then kill it; launchers that run one process per rank without an
+    agent would leave it waiting until the collective's timeout)."""
     import fcntl
 
     out = tmp_path / "held"
