@@ -102,3 +102,25 @@ def test_export_and_bench_infer(tmp_path):
 def test_reproduce_cli_errors():
     assert_usage_error(run("reproduce", "alexnet"), "no experiment 'alexnet'")
     assert_usage_error(run("reproduce", "lenet300", "--methods", "magic"), "unknown method label")
+
+
+def test_every_setting_has_one_train_option_and_every_option_is_a_setting():
+    """The CLI's overrides are read by field name (cmd_train), so an option whose dest is not a
+    setting would be dropped silently, and a setting without an option is unreachable from
+    the command line; the choices come from config.CHOICES."""
+    import dataclasses
+
+    from sensprune.cli import build_parser
+    from sensprune.config import CHOICES, TrainConfig
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values()
+                 if a.prog.endswith(" train"))
+    dests = {a.dest: a for a in train._actions if a.dest != "help"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    not_settings = {"recipe", "resume", "overwrite", "no_progress"}
+    assert set(dests) - fields == not_settings
+    internal = {"extra", "progress"}  # progress: --no-progress; extra: library use only
+    assert fields - set(dests) == internal
+    for key, allowed in CHOICES.items():
+        assert tuple(dests[key].choices) == allowed, key

@@ -44,6 +44,10 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     (["--threshold", "nan"], "threshold"),
     (["--val-size", "0"], "validation set"),
     (["--threads", "-1"], "threads"),
+    (["--gamma", "0"], "gamma must be > 0"),
+    (["--vd-kl-warmup-epochs", "-3", "--method", "sparse_vd"], "vd_kl_warmup_epochs"),
+    (["--step-size", "0"], "step-size"),
+    (["--init-from", "/nonexistent/run"], "does not exist"),
 ])
 def test_non_finite_and_out_of_range_options(args, needle):
     assert_usage_error(run("train", *args), needle)

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--momentum", type=_nonneg_float)
     t.add_argument("--weight-decay", type=_nonneg_float)
     t.add_argument("--schedule", choices=CHOICES["schedule"])
+    t.add_argument("--step-size", type=_positive_int, help="--schedule step: epochs per step")
+    t.add_argument("--gamma", type=_nonneg_float, help="--schedule step: lr factor per step")
+    t.add_argument("--nesterov", action="store_true", default=None,
+                   help="Nesterov momentum (SGD with --momentum > 0)")
     t.add_argument("--seed", type=int)
     t.add_argument("--method", choices=tuple(REGISTRY), help="sensitivity (default), a baseline, "
                    "or none (dense)")
@@ -109,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prune-patience", type=int, help="prune only once the validation loss "
                    "has not improved for N epochs (0: every due epoch)")
     t.add_argument("--target-sparsity", type=_nonneg_float, help="gmp: final sparsity (0-1)")
+    t.add_argument("--gmp-every", type=_positive_int, help="gmp: steps between pruning updates")
+    t.add_argument("--vd-kl-warmup-epochs", type=int,
+                   help="sparse_vd: epochs to anneal the KL weight from 0 to 1")
     t.add_argument("--finetune-lr", type=_nonneg_float, help="constant lr of the fine-tuning "
                    "phase (default: keep the schedule)")
     t.add_argument("--finetune-schedule", choices=CHOICES["finetune_schedule"],

@@ -107,7 +107,7 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, key)!r}")
-        for key in ("epochs", "batch_size", "sens_every", "prune_every", "gmp_every"):
+        for key in ("epochs", "batch_size", "sens_every", "prune_every", "gmp_every", "step_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("lr", "lam", "weight_decay", "val_budget", "momentum"):
@@ -116,6 +116,10 @@ class TrainConfig:
         if not self.beta > 0 or not 0 < self.quantile <= 1:
             raise ConfigError(f"beta must be > 0 and quantile in (0, 1]; got beta={self.beta}, "
                               f"quantile={self.quantile}")
+        if not self.gamma > 0:
+            raise ConfigError(f"gamma must be > 0, got {self.gamma}")
+        if self.vd_kl_warmup_epochs < 0:
+            raise ConfigError(f"vd_kl_warmup_epochs must be >= 0, got {self.vd_kl_warmup_epochs}")
         if self.prune_patience < 0:
             raise ConfigError(f"prune_patience must be >= 0, got {self.prune_patience}")
         if self.warmup_epochs < 0 or self.finetune_epochs < 0:
