@@ -196,11 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from .config import make_config
+    from .config import TrainConfig, make_config
     from .report import summary_markdown
     from .train import train
-
-    from .config import TrainConfig
 
     # every option whose name is a setting overrides it (unset options are None: no override)
     overrides = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}

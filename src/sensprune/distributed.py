@@ -10,6 +10,7 @@ global batch (also for a last, uneven batch).
 from __future__ import annotations
 
 import gc
+import math
 import os
 from dataclasses import dataclass
 
@@ -87,13 +88,24 @@ def broadcast_masks(masks: dict[str, torch.Tensor]) -> None:
 
 def all_ok(ok: bool) -> bool:
     """True when ``ok`` holds on every rank. A rank that fails alone (a directory it cannot
-    claim, a non-finite loss in its slice) must not leave the others waiting in their next
-    collective until its timeout: every rank asks, and all stop together."""
+    claim) must not leave the others waiting in their next collective until its timeout:
+    every rank asks, and all stop together."""
     if not active():
         return ok
     t = torch.tensor([1 if ok else 0], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def finite_everywhere(value: torch.Tensor, local: float) -> bool:
+    """True when the scalar ``value`` (``local`` is its float on this rank) is finite on every
+    rank: the sum over ranks is non-finite as soon as one rank's value is. One all-reduce of
+    one number on the tensor's own device, read in the same sync as ``local``."""
+    if not active():
+        return math.isfinite(local)
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return bool(torch.isfinite(total))
 
 
 def barrier() -> None:

@@ -175,6 +175,13 @@ class ThresholdPolicy:
         self.patience, self.every = patience, every
         self.is_main, self.broadcast = is_main, broadcast
 
+    def record(self, state: dict, val_error: float, sparsification_starts: bool) -> None:
+        """Remember an epoch's validation error (rank 0): the lowest so far (reference
+        "best"), and the warmed-up network's, before any regularization (reference "start")."""
+        state["best_val_error"] = _lowest(val_error, state.get("best_val_error"))
+        if self.reference == "start" and sparsification_starts:
+            state["reference_val_error"] = val_error
+
     def end_epoch(self, state: dict, index: int, last: bool,
                   evaluate: Callable[[], tuple[float, float]]) -> float | None:
         """Threshold after sparsification epoch ``index`` (1-based) if due; returns the T

@@ -159,8 +159,9 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
     steps_per_epoch = math.ceil(num_samples(splits.train) / cfg.batch_size)
     method = make_method(cfg, MethodContext(model, opt, pruner, steps_per_epoch,
                                             num_samples(splits.train)))
-    if method.extra_params():  # Sparse VD's log sigma^2
-        opt.add_param_group({"params": method.extra_params(), "weight_decay": 0.0})
+    extra = method.extra_params()  # Sparse VD's log sigma^2
+    if extra:
+        opt.add_param_group({"params": extra, "weight_decay": 0.0})
     # forward through DDP (gradient all-reduce); everything else works on the plain module
     net = model
     if info.enabled:
@@ -218,7 +219,7 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
             # one sync per step, needed anyway for the running loss. Checked after the step, so
             # that under DDP every rank has finished its all-reduce before any of them stops
             batch_loss = float(loss_sum_batch.detach())
-            if not ddp.all_ok(math.isfinite(batch_loss)):  # every rank stops at the same step
+            if not ddp.finite_everywhere(loss_sum_batch, batch_loss):  # all stop at this step
                 raise _diverged(cfg, out, epoch, f"step {seen // max(len(y), 1) + 1}",
                                 f"the loss is {batch_loss}" if not math.isfinite(batch_loss)
                                 else "another rank's loss is not finite")
@@ -252,12 +253,8 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
         if info.is_main:
             val_err, _ = evaluate(model, splits.val)
             test_err, _ = evaluate(model, splits.test)
-            best = state.get("best_val_error")
-            state["best_val_error"] = val_err if best is None else min(val_err, best)
-            if (cfg.threshold_ref == "start" and phase == "warmup"
-                    and phase_of(cfg, epoch + 1) == "sparsify"):
-                # the fixed reference: the warmed-up network's error, before any regularization
-                state["reference_val_error"] = val_err
+            policy.record(state, val_err, sparsification_starts=(
+                phase == "warmup" and phase_of(cfg, epoch + 1) == "sparsify"))
             sp = sparsity_report(model)
             record = {
                 "epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(seen, 1),
