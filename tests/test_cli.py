@@ -105,9 +105,9 @@ def test_reproduce_cli_errors():
 
 
 def test_every_setting_has_one_train_option_and_every_option_is_a_setting():
-    """The CLI's overrides are read by field name (cmd_train), so an option whose dest is not a
-    setting would be dropped silently, and a setting without an option is unreachable from
-    the command line; the choices come from config.CHOICES."""
+    """The train options are generated from TrainConfig's declarations and read back by field
+    name (cmd_train): every setting but the library-only `extra` has exactly one option, no
+    option is something else, and the choices come from config.CHOICES."""
     import dataclasses
 
     from sensprune.cli import build_parser
@@ -118,9 +118,50 @@ def test_every_setting_has_one_train_option_and_every_option_is_a_setting():
                  if a.prog.endswith(" train"))
     dests = {a.dest: a for a in train._actions if a.dest != "help"}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    not_settings = {"recipe", "resume", "overwrite", "no_progress"}
-    assert set(dests) - fields == not_settings
-    internal = {"extra", "progress"}  # progress: --no-progress; extra: library use only
-    assert fields - set(dests) == internal
+    assert set(dests) - fields == {"recipe", "resume", "overwrite"}
+    assert fields - set(dests) == {"extra"}
     for key, allowed in CHOICES.items():
         assert tuple(dests[key].choices) == allowed, key
+
+
+def _a_value_other_than_the_default(f, action):
+    """A legal command-line value for setting ``f`` and what it must parse to."""
+    if action.choices:
+        v = [c for c in action.choices if c != f.default][0]
+        return [v], v
+    if action.nargs == 0:  # a switch: it flips the default
+        return [], not f.default
+    if f.name == "threshold":
+        return ["0.02"], "0.02"  # parsed to a float by the config's own validation
+    kinds = str(f.type)
+    if "int" in kinds:
+        return ["7"], 7
+    if "float" in kinds:
+        return ["0.25"], 0.25
+    return ["some/path"], "some/path"
+
+
+def test_each_train_option_reaches_its_setting(tmp_path):
+    """Parse every generated option alone, build the config the way cmd_train does, and check
+    the setting got the value (and nothing else moved): an option wired to the wrong field or
+    the wrong type fails here."""
+    import dataclasses
+
+    from sensprune.cli import build_parser
+    from sensprune.config import TrainConfig
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values()
+                 if a.prog.endswith(" train"))
+    actions = {a.dest: a for a in train._actions}
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        action = actions[f.name]
+        argv, expected = _a_value_other_than_the_default(f, action)
+        args = parser.parse_args(["train", action.option_strings[0], *argv])
+        got = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}
+        assert got[f.name] == expected, f.name
+        assert all(v is None for k, v in got.items() if k != f.name), f.name
+        assert expected != getattr(defaults, f.name), f.name

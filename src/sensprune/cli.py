@@ -41,11 +41,49 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .config import CHOICES, RECIPES_DIR
-    from .methods import REGISTRY
+def _setting_choices(name: str) -> tuple[str, ...] | None:
+    from .config import CHOICES
     from .data import DATASETS
+    from .methods import REGISTRY
     from .models import MODELS
+
+    named = {"model": tuple(sorted(MODELS)), "dataset": tuple(sorted(DATASETS)),
+             "method": tuple(REGISTRY)}
+    return named.get(name, CHOICES.get(name))
+
+
+def add_setting_options(parser: argparse.ArgumentParser, *names: str,
+                        dest: str | None = None) -> None:
+    """One option per setting of TrainConfig (all of them, or ``names``), generated from the
+    field's declaration: type, choices, bound, help. Unset options parse to None, so they
+    override nothing; ``--foo-bar`` sets ``foo_bar``; a bool defaulting to True is turned
+    off by its declared flag (``--no-amp``)."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if names and f.name not in names or not meta.get("cli", True):
+            continue
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        kw: dict = {"dest": dest or f.name, "default": None, "help": meta.get("help")}
+        kinds = {k.strip() for k in str(f.type).split("|")}
+        if kinds == {"bool"}:
+            kw["action"] = "store_false" if f.default else "store_true"
+        elif (choices := _setting_choices(f.name)) is not None:
+            kw["choices"] = choices
+        elif "int" in kinds:
+            kw["type"] = _positive_int if meta.get("min") == 1 else int
+        elif "float" in kinds and kinds <= {"float", "None"}:
+            kw["type"] = _nonneg_float if meta.get("min") == 0 else float
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        parser.add_argument(flag, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import RECIPES_DIR
     from .export.encodings import VALUE_FORMATS
 
     p = _Parser(prog="sensprune", description="Train sparse networks with "
@@ -57,83 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model. Settings: defaults < --recipe < options.")
     recipes = ", ".join(sorted(f.stem for f in RECIPES_DIR.glob("*.toml")))
     t.add_argument("--recipe", help=f"TOML recipe file or a bundled name ({recipes})")
-    t.add_argument("--model", choices=sorted(MODELS))
-    t.add_argument("--dataset", choices=sorted(DATASETS))
-    t.add_argument("--data-dir", help="directory with the IDX files (default: embedded MNIST, "
-                   "then $SENSPRUNE_DATA, then ~/.cache/sensprune)")
-    t.add_argument("--epochs", type=_positive_int)
-    t.add_argument("--batch-size", type=_positive_int)
-    t.add_argument("--limit-train", type=_positive_int, metavar="N",
-                   help="use only the first N training samples")
-    t.add_argument("--val-size", type=int, help="validation samples held out of train (5000)")
-    t.add_argument("--optimizer", choices=CHOICES["optimizer"])
-    t.add_argument("--lr", type=_nonneg_float, help="learning rate (default: per model and "
-                   "optimizer, e.g. 0.05 for lenet300, 0.02 for lenet5 with SGD; 1e-3 with Adam)")
-    t.add_argument("--momentum", type=_nonneg_float)
-    t.add_argument("--weight-decay", type=_nonneg_float)
-    t.add_argument("--schedule", choices=CHOICES["schedule"])
-    t.add_argument("--step-size", type=_positive_int, help="--schedule step: epochs per step")
-    t.add_argument("--gamma", type=_nonneg_float, help="--schedule step: lr factor per step")
-    t.add_argument("--nesterov", action="store_true", default=None,
-                   help="Nesterov momentum (SGD with --momentum > 0)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--method", choices=tuple(REGISTRY), help="sensitivity (default), a baseline, "
-                   "or none (dense)")
-    t.add_argument("--kind", choices=CHOICES["kind"])
-    t.add_argument("--reduction", choices=CHOICES["reduction"])
-    t.add_argument("--outputs", choices=CHOICES["outputs"])
-    t.add_argument("--lam", type=_nonneg_float, help="regularization factor lambda")
-    t.add_argument("--lam-lr-scaled", action="store_true", default=None,
-                   help="multiply lambda by the current learning rate")
-    t.add_argument("--sens-every", type=_positive_int, help="recompute S every N steps")
-    t.add_argument("--output-samples", type=int, help="unspecific kind with many classes: "
-                   "estimate S from K outputs drawn per step (0: all, exact)")
-    t.add_argument("--regularize", choices=CHOICES["regularize"])
-    t.add_argument("--normalize", choices=CHOICES["normalize"],
-                   help="divide S by a per-layer statistic before max(0, 1 - beta*S) "
-                   "(none: the paper's literal form)")
-    t.add_argument("--beta", type=_nonneg_float, help="scale of S in max(0, 1 - beta*S/norm)")
-    t.add_argument("--quantile", type=_nonneg_float, help="--normalize quantile: which one (0-1)")
-    t.add_argument("--times-weight", action="store_true", default=None,
-                   help="insensitivity of |w|*S (the weight's contribution) instead of S")
-    t.add_argument("--batchnorm", choices=CHOICES["batchnorm"],
-                   help="BatchNorm in the sensitivity: batch statistics as constants (frozen, "
-                   "fast) or differentiated through (exact, one backward per sample)")
-    t.add_argument("--sens-source", choices=CHOICES["sens_source"],
-                   help="outputs: the paper's dy/dw; loss: |dL/dw| (no extra cost)")
-    t.add_argument("--threshold", help="'auto' (largest T within the validation budget), "
-                   "'none', or a value T")
-    t.add_argument("--threshold-mode", choices=CHOICES["threshold_mode"])
-    t.add_argument("--val-budget", type=_nonneg_float,
-                   help="auto threshold: allowed validation error increase, in points")
-    t.add_argument("--prune-every", type=_positive_int, help="threshold every N epochs")
-    t.add_argument("--threshold-ref", choices=CHOICES["threshold_ref"],
-                   help="auto threshold's reference error: each epoch's own (epoch), the one "
-                   "measured when sparsification starts (start), or the lowest so far (best)")
-    t.add_argument("--prune-patience", type=int, help="prune only once the validation loss "
-                   "has not improved for N epochs (0: every due epoch)")
-    t.add_argument("--target-sparsity", type=_nonneg_float, help="gmp: final sparsity (0-1)")
-    t.add_argument("--gmp-every", type=_positive_int, help="gmp: steps between pruning updates")
-    t.add_argument("--vd-kl-warmup-epochs", type=int,
-                   help="sparse_vd: epochs to anneal the KL weight from 0 to 1")
-    t.add_argument("--finetune-lr", type=_nonneg_float, help="constant lr of the fine-tuning "
-                   "phase (default: keep the schedule)")
-    t.add_argument("--finetune-schedule", choices=CHOICES["finetune_schedule"],
-                   help="fine-tuning lr: constant, or cosine from --finetune-lr to 0")
-    t.add_argument("--init-from", metavar="RUN", help="start from a trained run (directory or "
-                   "model.pt); its zero weights stay zero (fine-tune a pruned model)")
-    t.add_argument("--warmup-epochs", type=int)
-    t.add_argument("--finetune-epochs", type=int)
-    t.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
-    t.add_argument("--workers", type=int, help="DataLoader workers (ImageFolder datasets)")
-    t.add_argument("--device", choices=CHOICES["device"])
-    t.add_argument("--no-amp", dest="amp", action="store_false", default=None,
-                   help="CUDA: no bfloat16 autocast")
-    t.add_argument("--out", help="run directory (summary.json, checkpoint.pt, ...)")
+    add_setting_options(t)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run that OUT holds (default: refuse)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on the test set")
     e.add_argument("checkpoint", help="a run directory, its checkpoint.pt or its model.pt")
@@ -151,14 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "take the run's own.")
     ins.add_argument("run", help="a run directory (model.pt + summary.json, or checkpoint.pt)")
     ins.add_argument("--images", type=_positive_int, default=100)
-    ins.add_argument("--kind", choices=CHOICES["kind"])
-    ins.add_argument("--outputs", choices=CHOICES["outputs"])
-    ins.add_argument("--reduction", choices=CHOICES["reduction"])
-    ins.add_argument("--normalize", choices=CHOICES["normalize"])
-    ins.add_argument("--beta", type=_nonneg_float)
-    ins.add_argument("--quantile", type=_nonneg_float)
-    ins.add_argument("--times-weight", action="store_true", default=None)
-    ins.add_argument("--sens-source", dest="source", choices=CHOICES["sens_source"])
+    for name in ("kind", "outputs", "reduction", "normalize", "beta", "quantile",
+                 "times_weight"):
+        add_setting_options(ins, name)
+    add_setting_options(ins, "sens_source", dest="source")
     ins.add_argument("--png", help="histograms (default: RUN/sensitivity.png for a directory)")
     ins.add_argument("--json", metavar="FILE", help="write the statistics as JSON")
     ins.add_argument("--data-dir")
@@ -202,8 +163,6 @@ def cmd_train(args) -> int:
 
     # every option whose name is a setting overrides it (unset options are None: no override)
     overrides = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}
-    if args.no_progress:
-        overrides["progress"] = False
     cfg = make_config(args.recipe, **overrides)
     if args.resume and not (Path(cfg.out) / "checkpoint.pt").exists():
         raise SensPruneError(f"--resume: no checkpoint in {cfg.out}; run without --resume "

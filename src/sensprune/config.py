@@ -36,65 +36,104 @@ DEFAULT_LR = {"lenet300": 0.05, "lenet5": 0.02, "resnet32": 0.1, "vgg16": 0.01}
 DEFAULT_LR_OTHER, DEFAULT_LR_ADAM = 0.05, 1e-3
 
 
+def setting(default: Any = dataclasses.MISSING, help: str | None = None, *,
+            min: float | None = None, above: float | None = None, flag: str | None = None,
+            metavar: str | None = None, cli: bool = True, default_factory: Any = None) -> Any:
+    """One setting, declared once: its default, the help the CLI prints, its lower bound (min:
+    >= ; above: >), and how the CLI spells it (flag; cli=False keeps it library-only).
+    `validate` and `cli.add_setting_options` both read this metadata."""
+    meta = {"help": help, "min": min, "above": above, "flag": flag, "metavar": metavar, "cli": cli}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     # what
-    model: str = "lenet300"
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    val_size: int = 5000
-    limit_train: int | None = None
+    model: str = setting("lenet300")
+    dataset: str = setting("mnist")
+    data_dir: str | None = setting(None, "directory with the IDX files (default: embedded "
+                                   "MNIST, then $SENSPRUNE_DATA, then ~/.cache/sensprune)")
+    val_size: int = setting(5000, "validation samples held out of train", min=0)
+    limit_train: int | None = setting(None, "use only the first N training samples", min=1,
+                                      metavar="N")
     # how long, how
-    epochs: int = 10
-    batch_size: int = 100
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float | None = None  # None: DEFAULT_LR for the model and optimizer
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "none"  # none | cosine | step
-    step_size: int = 10
-    gamma: float = 0.1
-    seed: int = 0
+    epochs: int = setting(10, min=1)
+    batch_size: int = setting(100, min=1)
+    optimizer: str = setting("sgd")
+    lr: float | None = setting(None, "learning rate (default: per model and optimizer, e.g. "
+                               "0.05 for lenet300, 0.02 for lenet5 with SGD; 1e-3 with Adam)",
+                               min=0)
+    momentum: float = setting(0.9, min=0)
+    nesterov: bool = setting(False, "Nesterov momentum (SGD with momentum > 0)")
+    weight_decay: float = setting(0.0, "the optimizer's own weight decay", min=0)
+    schedule: str = setting("none", "learning-rate schedule over all epochs")
+    step_size: int = setting(10, "schedule step: epochs per step", min=1)
+    gamma: float = setting(0.1, "schedule step: lr factor per step", above=0)
+    seed: int = setting(0)
     # the method
-    method: str = "sensitivity"  # none | sensitivity | l2 | l1 | magnitude | gmp | sparse_vd
-    kind: str = "specific"
-    reduction: str = "sample"
-    outputs: str = "logits"
-    lam: float = 1e-4
-    lam_lr_scaled: bool = False
-    sens_every: int = 1
-    output_samples: int = 0  # unspecific with many classes: outputs drawn per step (0: all)
-    regularize: str = "weights"  # weights | weights+biases | all
-    normalize: str = "none"  # S / per-layer norm before max(0, 1 - beta*S): none | mean | max | quantile
-    beta: float = 1.0  # scale of S in the insensitivity max(0, 1 - beta * S / norm)
-    quantile: float = 0.5  # normalize = "quantile": which quantile of S per layer
-    times_weight: bool = False  # insensitivity of |w|*S (contribution) instead of S
-    batchnorm: str = "frozen"  # BatchNorm in the sensitivity: frozen (batch stats as constants) | exact
-    sens_source: str = "outputs"  # outputs (the paper's dy/dw) | loss (|dL/dw|, LOBSTER-style)
-    warmup_epochs: int = 0  # plain training before the sparsification phase
-    finetune_epochs: int = 0  # masks fixed, no regularization, at the end
-    finetune_lr: float = 0.0  # learning rate of the fine-tuning phase (0: keep the schedule's)
-    finetune_schedule: str = "constant"  # constant | cosine (finetune_lr annealed to 0 over the phase)
-    init_from: str | None = None  # start from a trained run (directory or model.pt); its zeros stay zero
-    threshold: str | float = "auto"  # auto | none | a fixed value T
-    threshold_mode: str = "global"  # global | layer
-    val_budget: float = 0.1  # auto threshold: allowed val error increase, in points
-    threshold_ref: str = "epoch"  # auto threshold's reference error: epoch (that epoch's own) | start (once, when sparsification starts) | best (lowest so far)
-    prune_patience: int = 0  # prune only once the val loss has not improved for N epochs (0: every due epoch)
-    prune_every: int = 1  # threshold at every N-th epoch end of the sparsification phase
+    method: str = setting("sensitivity", "sensitivity (default), a baseline, or none (dense)")
+    kind: str = setting("specific", "specific (the target's output) or unspecific (all "
+                        "outputs, 1/C each)")
+    reduction: str = setting("sample", "S from per-sample |dy/dw| (sample) or from the "
+                             "batch-summed derivative (batch)")
+    outputs: str = setting("logits", "differentiate the logits or the softmax probabilities")
+    lam: float = setting(1e-4, "regularization factor lambda", min=0)
+    lam_lr_scaled: bool = setting(False, "multiply lambda by the current learning rate")
+    sens_every: int = setting(1, "recompute S every N steps", min=1)
+    output_samples: int = setting(0, "unspecific kind with many classes: estimate S from K "
+                                  "outputs drawn per step (0: all, exact)", min=0)
+    regularize: str = setting("weights", "which parameters are regularized and pruned")
+    normalize: str = setting("none", "divide S by a per-layer statistic before "
+                             "max(0, 1 - beta*S) (none: the paper's literal form)")
+    beta: float = setting(1.0, "scale of S in the insensitivity max(0, 1 - beta*S/norm)",
+                          above=0)
+    quantile: float = setting(0.5, "normalize quantile: which quantile of S per layer (0-1]",
+                              above=0)
+    times_weight: bool = setting(False, "insensitivity of |w|*S (the weight's contribution) "
+                                 "instead of S")
+    batchnorm: str = setting("frozen", "BatchNorm in the sensitivity: batch statistics as "
+                             "constants (frozen, fast) or differentiated through (exact, one "
+                             "backward per sample)")
+    sens_source: str = setting("outputs", "outputs: the paper's dy/dw; loss: |dL/dw| "
+                               "(LOBSTER-style, no extra cost)")
+    warmup_epochs: int = setting(0, "plain training before the sparsification phase", min=0)
+    finetune_epochs: int = setting(0, "masks fixed, no regularization, at the end", min=0)
+    finetune_lr: float = setting(0.0, "lr of the fine-tuning phase (0: keep the schedule's)",
+                                 min=0)
+    finetune_schedule: str = setting("constant", "fine-tuning lr: constant, or cosine from "
+                                     "finetune-lr to 0 over the phase")
+    init_from: str | None = setting(None, "start from a trained run (directory or model.pt); "
+                                    "its zero weights stay zero (fine-tune a pruned model)",
+                                    metavar="RUN")
+    threshold: str | float = setting("auto", "'auto' (largest T within the validation "
+                                     "budget), 'none', or a value T")
+    threshold_mode: str = setting("global", "one threshold for all layers, or one per layer")
+    val_budget: float = setting(0.1, "auto threshold: allowed validation error increase, in "
+                                "points", min=0)
+    threshold_ref: str = setting("epoch", "auto threshold's reference error: each epoch's own "
+                                 "(epoch), the one measured when sparsification starts "
+                                 "(start), or the lowest so far (best)")
+    prune_patience: int = setting(0, "prune only once the validation loss has not improved "
+                                  "for N epochs (0: every due epoch)", min=0)
+    prune_every: int = setting(1, "threshold every N epochs of the sparsification phase",
+                               min=1)
     # baselines
-    target_sparsity: float = 0.95  # gmp: final fraction of weights removed
-    gmp_every: int = 100  # gmp: steps between pruning updates
-    vd_kl_warmup_epochs: int = 5  # sparse_vd: epochs to anneal the KL weight from 0 to 1
+    target_sparsity: float = setting(0.95, "gmp: final fraction of weights removed (0-1)",
+                                     min=0)
+    gmp_every: int = setting(100, "gmp: steps between pruning updates", min=1)
+    vd_kl_warmup_epochs: int = setting(5, "sparse_vd: epochs to anneal the KL weight from 0 "
+                                       "to 1", min=0)
     # where
-    out: str = "runs/latest"
-    progress: bool = True
-    threads: int = 0  # torch threads; 0 = torch's default
-    workers: int = 0  # DataLoader worker processes (ImageFolder datasets)
-    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
-    amp: bool = True  # CUDA only: bfloat16 autocast
-    extra: dict[str, Any] = field(default_factory=dict)
+    out: str = setting("runs/latest", "run directory (summary.json, checkpoint.pt, ...)")
+    progress: bool = setting(True, "progress bar", flag="--no-progress")
+    threads: int = setting(0, "torch CPU threads (0: torch's default)", min=0)
+    workers: int = setting(0, "DataLoader worker processes (ImageFolder datasets)", min=0)
+    device: str = setting("auto", "auto (CUDA when available), cpu or cuda")
+    amp: bool = setting(True, "CUDA: bfloat16 autocast", flag="--no-amp")
+    extra: dict[str, Any] = setting(help="free-form values for library use", cli=False,
+                                    default_factory=dict)
 
     def validate(self) -> "TrainConfig":
         self._check_types()
@@ -107,37 +146,26 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, key)!r}")
-        for key in ("epochs", "batch_size", "sens_every", "prune_every", "gmp_every", "step_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("lr", "lam", "weight_decay", "val_budget", "momentum"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if not self.beta > 0 or not 0 < self.quantile <= 1:
-            raise ConfigError(f"beta must be > 0 and quantile in (0, 1]; got beta={self.beta}, "
-                              f"quantile={self.quantile}")
-        if not self.gamma > 0:
-            raise ConfigError(f"gamma must be > 0, got {self.gamma}")
-        if self.vd_kl_warmup_epochs < 0:
-            raise ConfigError(f"vd_kl_warmup_epochs must be >= 0, got {self.vd_kl_warmup_epochs}")
-        if self.prune_patience < 0:
-            raise ConfigError(f"prune_patience must be >= 0, got {self.prune_patience}")
-        if self.warmup_epochs < 0 or self.finetune_epochs < 0:
-            raise ConfigError("warmup_epochs and finetune_epochs must be >= 0")
+        for f in dataclasses.fields(self):  # the bounds declared with each setting
+            v, low, above = getattr(self, f.name), f.metadata.get("min"), f.metadata.get("above")
+            if v is None or isinstance(v, (str, bool)):
+                continue
+            if low is not None and v < low:
+                raise ConfigError(f"{f.name} must be >= {low:g}, got {v}")
+            if above is not None and not v > above:
+                raise ConfigError(f"{f.name} must be > {above:g}, got {v}")
+        if self.quantile > 1:
+            raise ConfigError(f"quantile must be in (0, 1], got {self.quantile}")
         if self.warmup_epochs + self.finetune_epochs > self.epochs:
             raise ConfigError(f"warmup_epochs + finetune_epochs ({self.warmup_epochs} + "
                               f"{self.finetune_epochs}) exceed epochs ({self.epochs})")
         self.threshold = parse_threshold(self.threshold)
-        if self.val_size < 0:
-            raise ConfigError(f"val_size must be >= 0, got {self.val_size}")
         if self.val_size == 0 and self.threshold == "auto" and self.method != "none":
             raise ConfigError("the automatic threshold needs a validation set: set --val-size "
                               "above 0 or give a fixed --threshold")
         if self.init_from is not None and not Path(self.init_from).exists():
             raise ConfigError(f"init_from: {self.init_from} does not exist; give a run directory "
                               "or its model.pt")
-        if self.threads < 0 or self.workers < 0:
-            raise ConfigError(f"threads and workers must be >= 0, got {self.threads}, {self.workers}")
         return self
 
     def _check_types(self) -> None:
