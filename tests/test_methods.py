@@ -64,3 +64,39 @@ def test_a_new_method_is_one_class_and_one_registry_entry(tmp_path):
         assert len(s["thresholds"]) == 2  # the loop's threshold policy ran for it
     finally:
         del REGISTRY["small_first"]
+
+
+def test_sensitivity_epoch_stats_hand_computed_and_in_the_metrics(tmp_path):
+    """The per-epoch decay statistics: mean, CV and share of d = 0 over the weights still in
+    the network (pruned weights left out), checked on a hand-made insensitivity; and a
+    short run writes them on its sparsification lines only."""
+    import json
+
+    model = build_model("lenet300")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = MethodContext(model, opt, Pruner(model, optimizer=opt), 10, 100)
+    m = make_method(make_config(method="sensitivity", epochs=3, warmup_epochs=1), ctx)
+    w = model.fc3.weight  # 10 x 100
+    with torch.no_grad():
+        w.zero_()
+        w.view(-1)[:4] = 1.0  # four kept weights
+    d = torch.full_like(w, 0.7)  # the pruned weights' d must not count
+    d.view(-1)[:4] = torch.tensor([0.0, 0.5, 1.0, 0.5])
+    m.insensitivity = {"fc3.weight": d}
+    got = m.epoch_stats()["decay"]["fc3.weight"]
+    mean = 0.5
+    std = ((0.25 + 0 + 0.25 + 0) / 4) ** 0.5
+    assert abs(got["mean_decay"] - mean) < 1e-6
+    assert abs(got["cv_decay"] - std / mean) < 1e-6
+    assert abs(got["undecayed"] - 0.25) < 1e-6
+
+    splits = load_dataset("mnist", val_size=500, limit_train=1000)
+    cfg = make_config(model="lenet300", method="sensitivity", lam=1e-3, epochs=3,
+                      warmup_epochs=1, lr=0.03, out=str(tmp_path / "run"), progress=False)
+    train(cfg, splits=splits, log=lambda *_: None)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "decay" not in lines[0]  # warm-up: no sensitivity yet
+    for line in lines[1:]:
+        stats = line["decay"]
+        assert set(stats) == {"fc1.weight", "fc2.weight", "fc3.weight"}
+        assert all(0 <= v["mean_decay"] <= 1 and 0 <= v["undecayed"] <= 1 for v in stats.values())

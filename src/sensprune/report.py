@@ -98,7 +98,9 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
 
 
 def plot_run(metrics: list[dict], path: str | Path) -> Path | None:
-    """Error and remaining-weights curves per epoch; None if matplotlib is not installed."""
+    """Error and remaining-weights curves per epoch and, for the sensitivity method, how its
+    decay d = max(0, 1 - S) departs from weight decay per layer (mean d, share with d = 0);
+    None if matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -106,7 +108,10 @@ def plot_run(metrics: list[dict], path: str | Path) -> Path | None:
     except ImportError:
         return None
     ep = [m["epoch"] for m in metrics]
-    fig, ax1 = plt.subplots(figsize=(6, 3.5))
+    decay = [m for m in metrics if m.get("decay")]
+    fig, axes = plt.subplots(2 if decay else 1, 1, figsize=(6, 6.5 if decay else 3.5),
+                             squeeze=False)
+    ax1 = axes[0][0]
     ax1.plot(ep, [m["val_error"] for m in metrics], label="val error %")
     ax1.plot(ep, [m["test_error"] for m in metrics], label="test error %")
     ax1.set_xlabel("epoch")
@@ -115,7 +120,22 @@ def plot_run(metrics: list[dict], path: str | Path) -> Path | None:
     ax2.plot(ep, [m["remaining_percent"] for m in metrics], "k--", label="remaining %")
     ax2.set_yscale("log")
     ax2.set_ylabel("remaining weights % (log)")
-    fig.legend(loc="upper right", fontsize=8)
+    ax1.legend(loc="upper left", fontsize=7)
+    ax2.legend(loc="upper right", fontsize=7)
+    if decay:
+        ax = axes[1][0]
+        for i, layer in enumerate(decay[-1]["decay"]):
+            rows = [m for m in decay if layer in m["decay"]]
+            x = [m["epoch"] for m in rows]
+            color = f"C{i % 10}"
+            ax.plot(x, [m["decay"][layer]["mean_decay"] for m in rows], color=color,
+                    label=f"{layer}: mean d")
+            ax.plot(x, [m["decay"][layer]["undecayed"] for m in rows], "--", color=color,
+                    label=f"{layer}: share d = 0")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("kept weights (weight decay: d = 1)")
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

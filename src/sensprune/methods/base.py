@@ -7,8 +7,9 @@ One batch meets a method at four points, in this order::
     optimizer.step(); method.step()                # after each optimizer step (decay, pruning)
     ... epoch ends: the loop's ThresholdPolicy thresholds if ``uses_threshold``
 
-and the run at two more: ``end_phase()`` when the sparsification phase ends, and
-``state_dict()`` / ``load_state_dict()`` with every checkpoint. The class attributes tell the
+and the run at three more: ``end_phase()`` when the sparsification phase ends,
+``epoch_stats()`` for each epoch's metrics line, and ``state_dict()`` / ``load_state_dict()``
+with every checkpoint. The class attributes tell the
 loop and ``reproduce`` what the method needs, so neither has to know it by name.
 """
 
@@ -58,6 +59,10 @@ class Method:
 
     def end_phase(self) -> None:
         pass
+
+    def epoch_stats(self) -> dict[str, Any]:
+        """Numbers about the method's state for this epoch's metrics line (empty: none)."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}

@@ -3,6 +3,8 @@ drop-in for any loop) built from the run's settings, thresholded at epoch ends."
 
 from __future__ import annotations
 
+import torch
+
 from ..regularizer import SensitivityRegularizer
 from .base import Method, MethodContext
 
@@ -20,3 +22,19 @@ class Sensitivity(SensitivityRegularizer, Method):
             lr_scaled=cfg.lam_lr_scaled, output_samples=cfg.output_samples or None,
             seed=cfg.seed, normalize=cfg.normalize, beta=cfg.beta, quantile=cfg.quantile,
             source=cfg.sens_source, times_weight=cfg.times_weight, batchnorm=cfg.batchnorm)
+
+    @torch.no_grad()
+    def epoch_stats(self) -> dict:
+        """How far the decay is from uniform weight decay, per layer, over the weights still in
+        the network, from the insensitivity d of the epoch's last sensitivity step (one batch):
+        mean d, its coefficient of variation (0 for weight decay) and the share with d = 0."""
+        out = {}
+        for name, d in self.insensitivity.items():
+            kept = d[self.params[name].detach() != 0].float()
+            if kept.numel() == 0:
+                continue
+            mean = kept.mean()
+            out[name] = {"mean_decay": float(mean),
+                         "cv_decay": float(kept.std(unbiased=False) / mean) if mean > 0 else 0.0,
+                         "undecayed": float((kept == 0).float().mean())}
+        return {"decay": out} if out else {}
