@@ -52,6 +52,26 @@ def test_normalized_times_weight_regularizer_matches_hand_formula():
         assert float(reg.insensitivity[n].min()) == 0.0  # the top contributors are spared
 
 
+def test_decay_floor_hand_computed_and_applied_by_the_step():
+    s = torch.tensor([0.0, 0.5, 0.9, 2.0])
+    torch.testing.assert_close(insensitivity(s, floor=0.2), torch.tensor([1.0, 0.5, 0.2, 0.2]))
+    assert torch.equal(insensitivity(s, floor=1.0), torch.ones(4))  # floor 1: plain L2
+    m = mlp()
+    x, t = torch.randn(10, 12), torch.randint(0, 3, (10,))
+    before = {n: p.detach().clone() for n, p in prunable_weights(m).items()}
+    reg = SensitivityRegularizer(m, 0.1, floor=0.3)
+    reg.update(x, t)
+    s = sensitivity(m, x, t, params=list(prunable_weights(m)))
+    reg.step()
+    for n, p in prunable_weights(m).items():
+        d = (1 - s[n]).clamp(min=0.3)
+        torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * d))
+    with pytest.raises(ConfigError, match="floor"):
+        SensitivityRegularizer(m, 0.1, floor=1.5)
+    with pytest.raises(ConfigError, match="decay_floor must be in"):
+        make_config(decay_floor=1.5)
+
+
 def test_loss_source_uses_the_batch_gradient():
     m = mlp()
     x, t = torch.randn(10, 12), torch.randint(0, 3, (10,))
@@ -146,7 +166,7 @@ def test_inspect_cli_matches_direct_computation(tmp_path):
 
 @pytest.mark.parametrize("name,shape", [("resnet32", (3, 32, 32)), ("lstm", (1, 28, 28))])
 def test_bf16_sensitivity_step_on_bn_and_recurrent_models(name, shape):
-    """The generic engine (BatchNorm in training mode, LSTM) under bf16 autocast: S float32,
+    """BatchNorm in training mode and the LSTM fast path under bf16 autocast: S float32,
     finite, and not all zero."""
     m = build_model(name, 10, shape)
     x, t = torch.randn(3, *shape), torch.randint(0, 10, (3,))

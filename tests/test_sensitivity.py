@@ -45,6 +45,23 @@ class SeqModel(nn.Module):
         return self.head(z)
 
 
+class StackedLSTM(nn.Module):
+    """Two LSTM layers, time-major, with a given initial state, then a head on every step's
+    output averaged: the LSTM fast path beyond the one-layer, batch-first classifier."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.lstm = nn.LSTM(5, 6, num_layers=2, bias=bias)
+        self.h0 = nn.Parameter(torch.randn(2, 1, 6) * 0.5)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):  # x: (B, T, 5)
+        b = x.shape[0]
+        h0 = self.h0.expand(-1, b, -1).contiguous()
+        out, _ = self.lstm(x.transpose(0, 1), (h0, torch.zeros_like(h0)))
+        return self.head(out.mean(0))
+
+
 def cases():
     yield "mlp-relu", MLP("relu"), torch.randn(7, 12), 5
     yield "mlp-tanh", MLP("tanh"), torch.randn(7, 12), 5
@@ -55,6 +72,8 @@ def cases():
     yield "cnn-bn-eval-gelu", ConvBNNet(act="gelu").eval(), torch.randn(4, 1, 28, 28), 10
     yield "lstm-sigmoid-tanh", LSTMClassifier(hidden=8), torch.randn(3, 1, 28, 28), 10
     yield "seq-emb-gru-conv1d", SeqModel(), torch.randint(0, 11, (5, 9)), 3
+    yield "lstm-2-layers-time-major-h0", StackedLSTM(), torch.randn(4, 7, 5), 4
+    yield "lstm-no-bias", StackedLSTM(bias=False), torch.randn(3, 6, 5), 4
 
 
 @pytest.mark.parametrize("name,model,x,c", list(cases()), ids=lambda v: v if isinstance(v, str) else "")
@@ -267,3 +286,37 @@ def test_both_conv_engines_match_brute_force(conv, rows):
         assert torch.allclose(s_w.double(), want_w, rtol=1e-5, atol=1e-6), engine.__name__
         if conv.bias is not None:
             assert torch.allclose(s_b.double(), want_b, rtol=1e-5, atol=1e-6), engine.__name__
+
+
+def test_lstm_takes_the_fast_path_and_keeps_its_output():
+    """The LSTM's weights never reach the generic engine, and the unrolled forward the
+    recorder substitutes gives nn.LSTM's own output and state."""
+    import sys
+
+    engine = sys.modules["sensprune.sensitivity"]
+    model = StackedLSTM()
+    x = torch.randn(3, 6, 5).transpose(0, 1)
+    h0 = torch.randn(2, 3, 6)
+    c0 = torch.randn(2, 3, 6)
+    out, (h, c), records = engine._lstm_unrolled(model.lstm, x, (h0, c0))
+    ref_out, (ref_h, ref_c) = model.lstm(x, (h0, c0))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(h, ref_h)
+    torch.testing.assert_close(c, ref_c)
+    assert [r[0] for r in records] == [0, 1]
+
+    seen = []
+    generic = engine._generic
+
+    def spy(y, alpha, params, *args, **kwargs):
+        seen.extend(p.shape for p in params)
+        return generic(y, alpha, params, *args, **kwargs)
+
+    engine._generic = spy
+    try:
+        for kind in ("specific", "unspecific"):
+            sensitivity(LSTMClassifier(hidden=8), torch.randn(3, 1, 28, 28),
+                        torch.tensor([1, 2, 3]), kind=kind)
+    finally:
+        engine._generic = generic
+    assert seen == []

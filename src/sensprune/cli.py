@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "times_weight"):
         add_setting_options(ins, name)
     add_setting_options(ins, "sens_source", dest="source")
+    add_setting_options(ins, "decay_floor", dest="floor")
     ins.add_argument("--png", help="histograms (default: RUN/sensitivity.png for a directory)")
     ins.add_argument("--json", metavar="FILE", help="write the statistics as JSON")
     ins.add_argument("--data-dir")
@@ -216,7 +217,7 @@ def cmd_inspect(args) -> int:
     png = args.png or (run / "sensitivity.png" if run.is_dir() else None)
     result = inspect_run(run, images=args.images, png=png, data_dir=args.data_dir,
                          **{k: getattr(args, k) for k in ("kind", "outputs", "reduction",
-                            "normalize", "beta", "quantile", "times_weight", "source")})
+                            "normalize", "beta", "quantile", "times_weight", "source", "floor")})
     print(inspect_markdown(result))
     if result.get("png"):
         print(f"wrote {result['png']}")

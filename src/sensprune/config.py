@@ -91,6 +91,9 @@ class TrainConfig:
                           above=0)
     quantile: float = setting(0.5, "normalize quantile: which quantile of S per layer (0-1]",
                               above=0)
+    decay_floor: float = setting(0.0, "smallest decay factor: the most sensitive weights still "
+                                 "decay by decay_floor * lam (0: the paper's max(0, 1 - S))",
+                                 min=0)
     times_weight: bool = setting(False, "insensitivity of |w|*S (the weight's contribution) "
                                  "instead of S")
     batchnorm: str = setting("frozen", "BatchNorm in the sensitivity: batch statistics as "
@@ -156,6 +159,8 @@ class TrainConfig:
                 raise ConfigError(f"{f.name} must be > {above:g}, got {v}")
         if self.quantile > 1:
             raise ConfigError(f"quantile must be in (0, 1], got {self.quantile}")
+        if self.decay_floor > 1:
+            raise ConfigError(f"decay_floor must be in [0, 1], got {self.decay_floor}")
         if self.warmup_epochs + self.finetune_epochs > self.epochs:
             raise ConfigError(f"warmup_epochs + finetune_epochs ({self.warmup_epochs} + "
                               f"{self.finetune_epochs}) exceed epochs ({self.epochs})")

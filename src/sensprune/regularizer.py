@@ -40,9 +40,10 @@ SOURCES = ("outputs", "loss")
 
 
 def insensitivity(s: torch.Tensor, normalize: str = "none", beta: float = 1.0,
-                  quantile: float = 0.5, out: bool = False) -> torch.Tensor:
-    """max(0, 1 - beta * S / norm) for one parameter's S, with norm = 1 (``"none"``, the
+                  quantile: float = 0.5, out: bool = False, floor: float = 0.0) -> torch.Tensor:
+    """max(floor, 1 - beta * S / norm) for one parameter's S, with norm = 1 (``"none"``, the
     paper's form) or a statistic of this S (``"mean"``, ``"max"``, ``"quantile"``).
+    ``floor`` (0: the paper's max(0, .)) keeps a least decay on the most sensitive weights.
     ``out=True`` works in place on ``s``."""
     v = s if out else s.clone()
     if normalize == "none":
@@ -59,7 +60,7 @@ def insensitivity(s: torch.Tensor, normalize: str = "none", beta: float = 1.0,
         raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
     if norm <= 0:  # no signal at all in this layer: every weight is insensitive
         return v.zero_().add_(1.0)
-    return v.mul_(-beta / norm).add_(1.0).clamp_(min=0.0)
+    return v.mul_(-beta / norm).add_(1.0).clamp_(min=floor)
 from .distributed import active as dist_active
 from .errors import ConfigError
 from .models import select_params  # noqa: F401  (re-exported: part of this module's API)
@@ -80,8 +81,8 @@ class SensitivityRegularizer:
             (default: whenever torch.distributed is initialized with more than one rank).
         output_samples: unspecific kind with many classes: estimate S from K outputs drawn
             per step (unbiased; the draw is seeded by ``seed``, identical on every rank).
-        normalize, beta, quantile: how S becomes the decay factor, see :func:`insensitivity`
-            (defaults: the paper's max(0, 1 - S)).
+        normalize, beta, quantile, floor: how S becomes the decay factor, see
+            :func:`insensitivity` (defaults: the paper's max(0, 1 - S)).
         source: ``"outputs"`` (the paper's S = sum_k alpha_k |dy_k/dw|) or ``"loss"``
             (S = |dL/dw| of the batch, read from ``p.grad`` after the backward: no extra cost).
         batchnorm: see :func:`sensprune.sensitivity` (``"frozen"``: batch statistics as
@@ -112,8 +113,11 @@ class SensitivityRegularizer:
         source: str = "outputs",
         times_weight: bool = False,
         batchnorm: str = "frozen",
+        floor: float = 0.0,
     ):
         check_options(kind, reduction, outputs)
+        if not 0 <= floor <= 1:
+            raise ConfigError(f"floor must be in [0, 1], got {floor}")
         if normalize not in NORMALIZE:
             raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
         if source not in SOURCES:
@@ -141,6 +145,7 @@ class SensitivityRegularizer:
         self.output_samples = output_samples
         self.normalize, self.beta, self.quantile, self.source = normalize, float(beta), quantile, source
         self.times_weight = times_weight
+        self.floor = float(floor)
         self.batchnorm = batchnorm
         self.generator = torch.Generator().manual_seed(seed)
         self.insensitivity: dict[str, torch.Tensor] = {}
@@ -196,7 +201,8 @@ class SensitivityRegularizer:
         # in place: S is a fresh tensor, and large allocations cost more than the arithmetic
         if self.times_weight:  # |w| S: the weight's first-order contribution to the output
             s = {n: v.mul_(self.params[n].detach().abs()) for n, v in s.items()}
-        self.insensitivity = {n: insensitivity(v, self.normalize, self.beta, self.quantile, out=True)
+        self.insensitivity = {n: insensitivity(v, self.normalize, self.beta, self.quantile, out=True,
+                                               floor=self.floor)
                               for n, v in s.items()}
 
     # -- the update ----------------------------------------------------------------------------

@@ -13,9 +13,14 @@ Two engines, both exact:
     the per-sample weight gradient is delta a^T, so for a Linear layer
     sum_n |delta_n a_n^T| = |Delta|^T |A| is a single matmul. Conv layers use unfold + bmm or
     one grouped weight-gradient convolution, whichever is faster for the layer's shapes.
+    nn.LSTM (unidirectional, no projection) runs unrolled inside the recorded forward, with
+    a zero probe added to each step's gate pre-activations: the derivative to the probe is
+    delta_t per sample and step, and the per-sample weight gradient sum_t delta_t a_t^T (a_t
+    the step's input or previous hidden state) is one bmm, as for a Linear layer over a
+    sequence.
   * generic path (torch.autograd with ``is_grads_batched``): one vmapped backward per
     (sample, output) row, chunked to bound memory. Used for every parameter the fast path
-    does not cover (LSTM, Embedding, normalization) and whenever samples are coupled
+    does not cover (GRU, Embedding, normalization) and whenever samples are coupled
     (BatchNorm in training mode), and for reduction="batch".
 The hooks live only for the duration of one forward; the user's model is never modified.
 """
@@ -68,6 +73,7 @@ class LayerRecorder(contextlib.AbstractContextManager):
         self.model = model
         self.record_layers = record_layers
         self.calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self.lstm_calls: dict[nn.Module, list[list[tuple]]] = {}
         self.output: torch.Tensor | None = None
         self.n_forward = 0
         self._handles: list = []
@@ -77,6 +83,8 @@ class LayerRecorder(contextlib.AbstractContextManager):
             for mod in self.model.modules():
                 if isinstance(mod, self.FAST_TYPES) and _fast_supported(mod):
                     self._handles.append(mod.register_forward_hook(self._layer_hook))
+                elif isinstance(mod, nn.LSTM) and _lstm_supported(mod):
+                    self._handles.append(mod.register_forward_hook(self._lstm_hook))
         self._handles.append(self.model.register_forward_hook(self._root_hook))
         return self
 
@@ -90,6 +98,17 @@ class LayerRecorder(contextlib.AbstractContextManager):
         if torch.is_tensor(output) and output.requires_grad:
             self.calls.setdefault(mod, []).append((inputs[0].detach(), output, output._version))
 
+    def _lstm_hook(self, mod, inputs, output):
+        """Recompute the LSTM unrolled, with gate probes, and return that output instead:
+        the same values, with the per-step gate derivatives reachable by autograd."""
+        x = inputs[0]
+        if not torch.is_tensor(x) or x.dim() != 3 or not torch.is_grad_enabled():
+            return None  # a PackedSequence or an unbatched input: the generic engine
+        hx = inputs[1] if len(inputs) > 1 else None
+        out, state, records = _lstm_unrolled(mod, x, hx)
+        self.lstm_calls.setdefault(mod, []).append(records)
+        return out, state
+
     def _root_hook(self, mod, inputs, output):
         self.n_forward += 1
         self.inputs = inputs
@@ -102,6 +121,56 @@ class LayerRecorder(contextlib.AbstractContextManager):
             for m, c in self.calls.items()
             if len(c) == 1 and c[0][1]._version == c[0][2]
         }
+
+    def usable_lstms(self) -> dict[nn.Module, list[tuple]]:
+        """LSTMs called exactly once: per layer (index, inputs, previous hidden states, probe)."""
+        return {m: c[0] for m, c in self.lstm_calls.items() if len(c) == 1}
+
+
+def _lstm_supported(mod: nn.LSTM) -> bool:
+    return (not mod.bidirectional and mod.proj_size == 0
+            and (mod.num_layers == 1 or mod.dropout == 0 or not mod.training))
+
+
+def _lstm_unrolled(mod: nn.LSTM, x: torch.Tensor, hx=None):
+    """nn.LSTM's forward written out step by step (gate order i, f, g, o, as PyTorch's), with
+    a zero probe (B, T, 4H) added to the gate pre-activations of each layer. Returns the
+    output, (h_n, c_n), and per layer (index, layer input (B, T, I), previous hidden states
+    (B, T, H), probe)."""
+    if not mod.batch_first:
+        x = x.transpose(0, 1)
+    b, t_len, _ = x.shape
+    h_size, layers = mod.hidden_size, mod.num_layers
+    if hx is None:
+        zeros = x.new_zeros(layers, b, h_size)
+        hx = (zeros, zeros)
+    h0, c0 = hx
+    layer_in, records, h_last, c_last = x, [], [], []
+    for layer in range(layers):
+        w_ih, w_hh = getattr(mod, f"weight_ih_l{layer}"), getattr(mod, f"weight_hh_l{layer}")
+        b_ih = getattr(mod, f"bias_ih_l{layer}", None) if mod.bias else None
+        b_hh = getattr(mod, f"bias_hh_l{layer}", None) if mod.bias else None
+        gx = F.linear(layer_in, w_ih, b_ih)  # the input part of every step at once
+        probe = torch.zeros(gx.shape, dtype=gx.dtype, device=gx.device, requires_grad=True)
+        h, c = h0[layer].to(gx.dtype), c0[layer]
+        outs, prev = [], []
+        for step in range(t_len):
+            prev.append(h)
+            g = gx[:, step] + F.linear(h, w_hh, b_hh) + probe[:, step]
+            i, f, gg, o = g.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+        out = torch.stack(outs, dim=1)
+        records.append((layer, layer_in.detach(), torch.stack(prev, dim=1).detach(), probe))
+        h_last.append(h)
+        c_last.append(c)
+        layer_in = out
+        if mod.dropout and mod.training and layer < layers - 1:
+            layer_in = F.dropout(out, mod.dropout)
+    if not mod.batch_first:
+        out = out.transpose(0, 1)
+    return out, (torch.stack(h_last), torch.stack(c_last)), records
 
 
 def _fast_supported(mod: nn.Module) -> bool:
@@ -277,13 +346,20 @@ def _fast_layer(mod: nn.Module, a: torch.Tensor, delta: torch.Tensor, weight: fl
             # Per-sample gradient is rank one: sum_n |d_n a_n^T| = (sum_k |d|)^T |a|.
             dsum = d[:, :, 0].abs().sum(0).mul_(weight)  # scale the small operand
             return dsum.t().mm(a[:, 0].abs()), dsum.sum(0)
-        # (B, T, *) inputs: per-sample gradient sum_t d_t a_t^T, one bmm over all K rows.
-        dk = d.permute(1, 0, 3, 2).reshape(b, k * d.shape[-1], -1)  # (B, K*out, T)
-        s_w = torch.bmm(dk, a).abs_().sum(0).reshape(k, mod.out_features, -1).sum(0)
-        s_b = d.sum(2).abs_().sum((0, 1))
-        return s_w.mul_(weight), s_b.mul_(weight)
+        return _sequence_linear(a, d, weight)
     engine = _conv_engine(mod, a, delta, weight)
     return engine(mod, a, delta, weight)
+
+
+def _sequence_linear(a: torch.Tensor, d: torch.Tensor, weight: float):
+    """S of a weight W (out, in) used at every step t of a sequence, z_t = W a_t (+ b): the
+    per-sample gradient is sum_t d_t a_t^T, one bmm over all K rows. a: (B, T, in), d: (K, B,
+    T, out). Returns S of W and of the bias."""
+    k, b, _, out = d.shape
+    dk = d.permute(1, 0, 3, 2).reshape(b, k * out, -1)  # (B, K*out, T)
+    s_w = torch.bmm(dk, a).abs_().sum(0).reshape(k, out, -1).sum(0)
+    s_b = d.sum(2).abs_().sum((0, 1))
+    return s_w.mul_(weight), s_b.mul_(weight)
 
 
 def _conv_unfold(mod: nn.Module, a: torch.Tensor, delta: torch.Tensor, weight: float):
@@ -369,7 +445,10 @@ def compute(
     if fast_ok and b > 0:
         layers = {m: r for m, r in recorder.usable().items()
                   if any(id(p) in id_to_name for p in m.parameters(recurse=False))}
-        if layers:
+        lstm_layers = [(m, rec) for m, recs in recorder.usable_lstms().items()
+                       if any(id(p) in id_to_name for p in m.parameters(recurse=False))
+                       for rec in recs]
+        if layers or lstm_layers:
             if kind == "specific":
                 # one backward: alpha itself selects y_{n, t_n}
                 out_rows, weight = [None], 1.0 / denom
@@ -379,7 +458,7 @@ def compute(
                 ks = torch.nonzero(alpha[0] != 0).flatten().tolist()
                 out_rows, weight = ks, float(alpha[0, ks[0]]) / denom
             mods = list(layers)
-            zs = [layers[m][1] for m in mods]
+            zs = [layers[m][1] for m in mods] + [rec[3] for _, rec in lstm_layers]
             for start in range(0, len(out_rows), _ROW_CHUNK):
                 chunk = out_rows[start:start + _ROW_CHUNK]
                 if chunk == [None]:
@@ -388,13 +467,23 @@ def compute(
                     go = torch.zeros((len(chunk), b, c), dtype=y.dtype, device=y.device)
                     go[torch.arange(len(chunk)), :, torch.tensor(chunk)] = 1.0
                 deltas = _batched_grad(y, zs, go)
+                found = []
                 for m, delta in zip(mods, deltas):
                     s_w, s_b = _fast_layer(m, layers[m][0], delta, weight)
-                    for p_name, s in (("weight", s_w), ("bias", s_b)):
-                        p = getattr(m, p_name, None)
-                        if p is not None and id(p) in id_to_name:
-                            n = id_to_name[id(p)]
-                            result[n] = s if n not in result else result[n].add_(s)
+                    found += [(getattr(m, "weight", None), s_w), (getattr(m, "bias", None), s_b)]
+                for (m, (layer, a_in, h_prev, _)), delta in zip(lstm_layers, deltas[len(mods):]):
+                    delta = delta.float()
+                    s_ih, s_bias = _sequence_linear(a_in.float(), delta, weight)
+                    s_hh, _ = _sequence_linear(h_prev.float(), delta, weight)
+                    found += [(getattr(m, f"weight_ih_l{layer}"), s_ih),
+                              (getattr(m, f"weight_hh_l{layer}"), s_hh)]
+                    if m.bias:  # b_ih and b_hh enter every gate the same way
+                        found += [(getattr(m, f"bias_ih_l{layer}"), s_bias),
+                                  (getattr(m, f"bias_hh_l{layer}"), s_bias.clone())]
+                for p, s in found:
+                    if p is not None and id(p) in id_to_name:
+                        n = id_to_name[id(p)]
+                        result[n] = s if n not in result else result[n].add_(s)
     rest = [n for n in named_params if n not in result]
     if rest:
         params = [named_params[n] for n in rest]

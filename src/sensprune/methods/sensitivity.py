@@ -21,7 +21,8 @@ class Sensitivity(SensitivityRegularizer, Method):
             params=cfg.regularize, every=cfg.sens_every, optimizer=ctx.optimizer,
             lr_scaled=cfg.lam_lr_scaled, output_samples=cfg.output_samples or None,
             seed=cfg.seed, normalize=cfg.normalize, beta=cfg.beta, quantile=cfg.quantile,
-            source=cfg.sens_source, times_weight=cfg.times_weight, batchnorm=cfg.batchnorm)
+            source=cfg.sens_source, times_weight=cfg.times_weight, batchnorm=cfg.batchnorm,
+            floor=cfg.decay_floor)
 
     @torch.no_grad()
     def epoch_stats(self) -> dict:
