@@ -150,16 +150,21 @@ def _lstm_unrolled(mod: nn.LSTM, x: torch.Tensor, hx=None):
         w_ih, w_hh = getattr(mod, f"weight_ih_l{layer}"), getattr(mod, f"weight_hh_l{layer}")
         b_ih = getattr(mod, f"bias_ih_l{layer}", None) if mod.bias else None
         b_hh = getattr(mod, f"bias_hh_l{layer}", None) if mod.bias else None
-        gx = F.linear(layer_in, w_ih, b_ih)  # the input part of every step at once
+        # the input part of every step at once, both biases folded in; the probe added once
+        # (its derivative is that of every step's gate pre-activations)
+        bias = None if b_ih is None else b_ih + b_hh
+        gx = F.linear(layer_in, w_ih, bias)
         probe = torch.zeros(gx.shape, dtype=gx.dtype, device=gx.device, requires_grad=True)
+        gx = gx + probe
+        w_hh_t = w_hh.t()
         h, c = h0[layer].to(gx.dtype), c0[layer]
         outs, prev = [], []
-        for step in range(t_len):
+        for step in range(t_len):  # few, fused ops per step: the loop's cost is per op
             prev.append(h)
-            g = gx[:, step] + F.linear(h, w_hh, b_hh) + probe[:, step]
-            i, f, gg, o = g.chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            g = torch.addmm(gx[:, step], h, w_hh_t)
+            i, f, _, o = g.sigmoid().chunk(4, dim=1)
+            c = torch.addcmul(f * c, i, g[:, 2 * h_size:3 * h_size].tanh())
+            h = o * c.tanh()
             outs.append(h)
         out = torch.stack(outs, dim=1)
         records.append((layer, layer_in.detach(), torch.stack(prev, dim=1).detach(), probe))
