@@ -91,12 +91,14 @@ def test_sensitivity_epoch_stats_hand_computed_and_in_the_metrics(tmp_path):
     assert abs(got["undecayed"] - 0.25) < 1e-6
 
     splits = load_dataset("mnist", val_size=500, limit_train=1000)
-    cfg = make_config(model="lenet300", method="sensitivity", lam=1e-3, epochs=3,
-                      warmup_epochs=1, lr=0.03, out=str(tmp_path / "run"), progress=False)
+    cfg = make_config(model="lenet300", method="sensitivity", lam=1e-3, epochs=4,
+                      warmup_epochs=1, finetune_epochs=1, lr=0.03, out=str(tmp_path / "run"),
+                      progress=False)
     train(cfg, splits=splits, log=lambda *_: None)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "decay" not in lines[0]  # warm-up: no sensitivity yet
-    for line in lines[1:]:
+    assert "decay" not in lines[3]  # fine-tuning: the method is off
+    for line in lines[1:3]:
         stats = line["decay"]
         assert set(stats) == {"fc1.weight", "fc2.weight", "fc3.weight"}
         assert all(0 <= v["mean_decay"] <= 1 and 0 <= v["undecayed"] <= 1 for v in stats.values())

@@ -108,7 +108,8 @@ def plot_run(metrics: list[dict], path: str | Path) -> Path | None:
     except ImportError:
         return None
     ep = [m["epoch"] for m in metrics]
-    decay = [m for m in metrics if m.get("decay")]
+    # sparsification epochs only (older runs also copied the last values into fine-tuning lines)
+    decay = [m for m in metrics if m.get("decay") and m.get("phase") == "sparsify"]
     fig, axes = plt.subplots(2 if decay else 1, 1, figsize=(6, 6.5 if decay else 3.5),
                              squeeze=False)
     ax1 = axes[0][0]

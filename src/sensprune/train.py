@@ -262,7 +262,7 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
                 "test_error": test_err, "remaining_percent": sp["remaining_percent"],
                 "compression_ratio": sp["compression_ratio"], "threshold": threshold,
                 "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-                **method.epoch_stats(),
+                **(method.epoch_stats() if phase == "sparsify" else {}),
             }
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
