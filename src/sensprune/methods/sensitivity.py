@@ -28,7 +28,8 @@ class Sensitivity(SensitivityRegularizer, Method):
     def epoch_stats(self) -> dict:
         """How far the decay is from uniform weight decay, per layer, over the weights still in
         the network, from the insensitivity d of the epoch's last sensitivity step (one batch):
-        mean d, its coefficient of variation (0 for weight decay) and the share with d = 0."""
+        mean d, its coefficient of variation (0 for weight decay) and the share at the least
+        decay (d = 0, or d = decay_floor)."""
         out = {}
         for name, d in self.insensitivity.items():
             kept = d[self.params[name].detach() != 0].float()
@@ -37,5 +38,5 @@ class Sensitivity(SensitivityRegularizer, Method):
             mean = kept.mean()
             out[name] = {"mean_decay": float(mean),
                          "cv_decay": float(kept.std(unbiased=False) / mean) if mean > 0 else 0.0,
-                         "undecayed": float((kept == 0).float().mean())}
+                         "undecayed": float((kept <= self.floor).float().mean())}
         return {"decay": out} if out else {}
