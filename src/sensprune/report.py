@@ -132,7 +132,7 @@ def plot_run(metrics: list[dict], path: str | Path) -> Path | None:
             ax.plot(x, [m["decay"][layer]["mean_decay"] for m in rows], color=color,
                     label=f"{layer}: mean d")
             ax.plot(x, [m["decay"][layer]["undecayed"] for m in rows], "--", color=color,
-                    label=f"{layer}: share d = 0")
+                    label=f"{layer}: share at the least d")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("epoch")
         ax.set_ylabel("kept weights (weight decay: d = 1)")
