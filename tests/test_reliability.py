@@ -123,3 +123,17 @@ def test_evaluate_export_and_bench_infer_take_what_a_run_holds(tmp_path):
     lone = tmp_path / "lone.pt"
     lone.write_bytes((out / "model.pt").read_bytes())
     assert_usage_error(run("evaluate", str(lone)), "weights only")
+
+
+def test_a_setting_missing_from_an_old_run_takes_its_earlier_default(monkeypatch):
+    """When a default changes, runs saved before the setting existed ran with the old value:
+    reproduce must not reuse them as if they had today's, and loading must not relabel them."""
+    from sensprune import config
+
+    now = config.make_config(method="sensitivity").to_dict()
+    old_run = {k: v for k, v in now.items() if k != "decay_floor"}
+    assert config.differing_settings(now, old_run) == []  # no default changed: same run
+    monkeypatch.setattr(config, "EARLIER_DEFAULTS", {"decay_floor": 0.25})
+    assert config.differing_settings(now, old_run) == ["decay_floor"]
+    assert config.saved_settings(old_run)["decay_floor"] == 0.25
+    assert config.saved_settings(now)["decay_floor"] == now["decay_floor"]  # a saved key wins

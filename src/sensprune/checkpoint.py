@@ -86,7 +86,7 @@ def restore_run(path: Path, cfg, model, optimizer, scheduler, method, pruner,
 def load_run_model(path: str | Path):
     """(TrainConfig, model with the trained weights) from a run directory (summary.json +
     model.pt, or checkpoint.pt), a checkpoint.pt, or a run's model.pt."""
-    from .config import TrainConfig
+    from .config import TrainConfig, saved_settings
     from .data import dataset_info
     from .models import build_model
 
@@ -110,7 +110,7 @@ def load_run_model(path: str | Path):
                                   f"{CHECKPOINT}") from None
         state = obj
     known = set(TrainConfig.__dataclass_fields__)
-    cfg = TrainConfig(**{k: v for k, v in config.items() if k in known})
+    cfg = TrainConfig(**{k: v for k, v in saved_settings(config).items() if k in known})
     info = dataset_info(cfg.dataset)  # the shapes only: no data is read here
     model = build_model(cfg.model, info.num_classes, info.input_shape)
     try:

@@ -198,13 +198,27 @@ class TrainConfig:
 NOT_RESULT = ("threads", "progress", "workers", "data_dir", "out", "device")
 
 
-def differing_settings(now: dict[str, Any], saved: dict[str, Any]) -> list[str]:
-    """Names of the settings that change the result and differ between two configs; a
-    setting missing from an older run's config had its default then."""
+# Settings whose default changed: a run saved before the setting existed has no key for it
+# and ran with the value here, not with today's default.
+EARLIER_DEFAULTS: dict[str, Any] = {}
+
+
+def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's config as it ran: keys it lacks take their earlier default, if one
+    changed since, else today's."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                 if f.default is not dataclasses.MISSING}
+    return {**defaults, **EARLIER_DEFAULTS, **saved}
+
+
+def differing_settings(now: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """Names of the settings that change the result and differ between two configs (``saved``
+    completed by :func:`saved_settings`)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    now, saved = {**defaults, **now}, saved_settings(saved)
     return sorted(k for k in set(now) | set(saved) if k not in NOT_RESULT
-                  and now.get(k, defaults.get(k)) != saved.get(k, defaults.get(k)))
+                  and now.get(k) != saved.get(k))
 
 
 def parse_threshold(value: str | float) -> str | float:
