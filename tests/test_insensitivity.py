@@ -42,7 +42,7 @@ def mlp():
 def test_normalized_times_weight_regularizer_matches_hand_formula():
     m = mlp()
     x, t = torch.randn(10, 12), torch.randint(0, 3, (10,))
-    reg = SensitivityRegularizer(m, 0.1, normalize="mean", beta=0.5, times_weight=True)
+    reg = SensitivityRegularizer(m, 0.1, normalize="mean", beta=0.5, times_weight=True, floor=0.0)
     reg.update(x, t)
     s = sensitivity(m, x, t, params=list(prunable_weights(m)))
     for n, p in prunable_weights(m).items():
@@ -66,6 +66,12 @@ def test_decay_floor_hand_computed_and_applied_by_the_step():
     for n, p in prunable_weights(m).items():
         d = (1 - s[n]).clamp(min=0.3)
         torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * d))
+    default = SensitivityRegularizer(m, 0.1)  # the default floor, 0.5
+    default.update(x, t)
+    s = sensitivity(m, x, t, params=list(prunable_weights(m)))
+    for n in prunable_weights(m):
+        torch.testing.assert_close(default.insensitivity[n], (1 - s[n]).clamp(min=0.5))
+    assert make_config().decay_floor == 0.5
     with pytest.raises(ConfigError, match="floor"):
         SensitivityRegularizer(m, 0.1, floor=1.5)
     with pytest.raises(ConfigError, match="decay_floor must be in"):
@@ -78,7 +84,7 @@ def test_loss_source_uses_the_batch_gradient():
     ref = {n: torch.autograd.grad(F.cross_entropy(m(x), t), p)[0].abs()
            for n, p in prunable_weights(m).items()}
     w0 = {n: p.detach().clone() for n, p in prunable_weights(m).items()}
-    reg = SensitivityRegularizer(m, 0.2, source="loss", normalize="mean")
+    reg = SensitivityRegularizer(m, 0.2, source="loss", normalize="mean", floor=0.0)
     with reg.observe(t):  # records nothing: the gradient is all it needs
         out = m(x)
     F.cross_entropy(out, t).backward()
@@ -158,10 +164,10 @@ def test_inspect_cli_matches_direct_computation(tmp_path):
     x, t = load_dataset("mnist").train  # the run's config: the default 5,000 validation images
     ref = sensitivity(m, x[:50], t[:50], params=list(prunable_weights(m)))
     for n, sv in ref.items():
-        d = (1 - sv / sv.mean()).clamp(min=0)
+        d = (1 - sv / sv.mean()).clamp(min=0.5)  # the run's own decay floor (the default)
         assert got[n]["decay_mean"] == pytest.approx(float(d.mean()), rel=1e-5)
         assert got[n]["S_q0.5"] == pytest.approx(float(torch.quantile(sv.double().flatten(), 0.5)), rel=1e-6)
-        assert got[n]["share_not_decayed"] == pytest.approx(float((d == 0).float().mean()), abs=1e-6)
+        assert got[n]["share_not_decayed"] == pytest.approx(float((d <= 0.5).float().mean()), abs=1e-6)
 
 
 @pytest.mark.parametrize("name,shape", [("resnet32", (3, 32, 32)), ("lstm", (1, 28, 28))])

@@ -129,3 +129,41 @@ def test_reproduce_seeds_adds_runs_and_their_mean(tmp_path):
     std = abs(s0["test_error"] - s1["test_error"]) / 2 ** 0.5
     assert f"| l2 | 0,1 | {(s0['compression_ratio'] + s1['compression_ratio']) / 2:.1f}x |" in md
     assert f"| {mean_err:.2f} | {std:.2f} |" in md
+
+
+def test_every_committed_recipe_still_describes_its_runs(monkeypatch):
+    """Each committed results/*/recipe.toml, read by today's code, must give exactly the
+    settings its committed runs saved: otherwise `sensprune reproduce` would retrain them (a
+    changed default, a recipe edited after the fact). Checked row by row of each table.json."""
+    import re
+    from pathlib import Path
+
+    from sensprune.config import differing_settings, make_config
+    from sensprune.reproduce import _slug, load_experiment
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # recipes name their init_from runs relative to the repository
+    checked = 0
+    # the bundled experiments' tables, and every study with its own recipe
+    experiments = [(root / "results" / name, name) for name in ("lenet300", "lenet5", "lenet5-fashion")]
+    experiments += [(r.parent, str(r)) for r in sorted(root.glob("results/*/recipe.toml"))]
+    for directory, recipe in experiments:
+        table = directory / "table.json"
+        if not table.exists():
+            continue
+        common, methods = load_experiment(recipe)
+        for row in json.loads(table.read_text())["rows"]:
+            label, settings = row["label"], None
+            if label in methods:
+                settings = dict(methods[label])
+            elif (m := re.fullmatch(r"(.+)-s(\d+)", label)) and m.group(1) in methods:
+                settings = {**methods[m.group(1)], "seed": int(m.group(2))}
+            elif (m := re.fullmatch(r"(.+) lam=(.+)", label)) and m.group(1) in methods:
+                settings = {**methods[m.group(1)], "lam": float(m.group(2))}  # --lam-sweep
+            assert settings is not None, (recipe, label)
+            run = directory / _slug(label)
+            saved = json.loads((run / "summary.json").read_text())["config"]
+            cfg = make_config(**{**common, **settings, "out": str(run), "progress": False})
+            assert differing_settings(cfg.to_dict(), saved) == [], (recipe, label)
+            checked += 1
+    assert checked >= 50

@@ -3,7 +3,7 @@
 
 Public API:
     sensitivity(model, inputs, targets, kind=..., reduction=..., outputs=...) -> {name: S}
-    SensitivityRegularizer  the update w <- w - lam * w * max(0, 1 - S), any optimizer
+    SensitivityRegularizer  the update w <- w - lam * w * max(floor, 1 - S), any optimizer
     Pruner                  thresholds, masks kept in place, automatic threshold search
     sparsity_report         per-layer zero counts of a model
     load / export           compact sparse files and sparse inference

@@ -91,9 +91,9 @@ class TrainConfig:
                           above=0)
     quantile: float = setting(0.5, "normalize quantile: which quantile of S per layer (0-1]",
                               above=0)
-    decay_floor: float = setting(0.0, "smallest decay factor: the most sensitive weights still "
-                                 "decay by decay_floor * lam (0: the paper's max(0, 1 - S))",
-                                 min=0)
+    decay_floor: float = setting(0.5, "smallest decay factor max(decay_floor, 1 - S): the most "
+                                 "sensitive weights still decay by decay_floor * lam (0: the "
+                                 "paper's literal max(0, 1 - S); 1: plain L2)", min=0)
     times_weight: bool = setting(False, "insensitivity of |w|*S (the weight's contribution) "
                                  "instead of S")
     batchnorm: str = setting("frozen", "BatchNorm in the sensitivity: batch statistics as "
@@ -200,7 +200,7 @@ NOT_RESULT = ("threads", "progress", "workers", "data_dir", "out", "device")
 
 # Settings whose default changed: a run saved before the setting existed has no key for it
 # and ran with the value here, not with today's default.
-EARLIER_DEFAULTS: dict[str, Any] = {}
+EARLIER_DEFAULTS: dict[str, Any] = {"decay_floor": 0.0}
 
 
 def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:

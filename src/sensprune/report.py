@@ -99,7 +99,8 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
 
 def plot_run(metrics: list[dict], path: str | Path) -> Path | None:
     """Error and remaining-weights curves per epoch and, for the sensitivity method, how its
-    decay d = max(0, 1 - S) departs from weight decay per layer (mean d, share with d = 0);
+    decay d = max(floor, 1 - S) departs from weight decay per layer (mean d, share at the
+    least d);
     None if matplotlib is not installed."""
     try:
         import matplotlib
