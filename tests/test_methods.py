@@ -75,7 +75,8 @@ def test_sensitivity_epoch_stats_hand_computed_and_in_the_metrics(tmp_path):
     model = build_model("lenet300")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ctx = MethodContext(model, opt, Pruner(model, optimizer=opt), 10, 100)
-    m = make_method(make_config(method="sensitivity", epochs=3, warmup_epochs=1), ctx)
+    m = make_method(make_config(method="sensitivity", epochs=3, warmup_epochs=1,
+                                decay_floor=0.0), ctx)
     w = model.fc3.weight  # 10 x 100
     with torch.no_grad():
         w.zero_()

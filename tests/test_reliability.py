@@ -126,14 +126,26 @@ def test_evaluate_export_and_bench_infer_take_what_a_run_holds(tmp_path):
 
 
 def test_a_setting_missing_from_an_old_run_takes_its_earlier_default(monkeypatch):
-    """When a default changes, runs saved before the setting existed ran with the old value:
-    reproduce must not reuse them as if they had today's, and loading must not relabel them."""
+    """decay_floor's default changed from 0 to 0.5: runs saved before the setting existed ran
+    with 0, so reproduce must not reuse them as if they had today's 0.5, and loading them
+    must not relabel them."""
     from sensprune import config
 
     now = config.make_config(method="sensitivity").to_dict()
+    assert now["decay_floor"] == 0.5
     old_run = {k: v for k, v in now.items() if k != "decay_floor"}
-    assert config.differing_settings(now, old_run) == []  # no default changed: same run
-    monkeypatch.setattr(config, "EARLIER_DEFAULTS", {"decay_floor": 0.25})
     assert config.differing_settings(now, old_run) == ["decay_floor"]
-    assert config.saved_settings(old_run)["decay_floor"] == 0.25
-    assert config.saved_settings(now)["decay_floor"] == now["decay_floor"]  # a saved key wins
+    assert config.saved_settings(old_run)["decay_floor"] == 0.0
+    assert config.differing_settings(now, {**old_run, "decay_floor": 0.5}) == []  # saved key wins
+    monkeypatch.setattr(config, "EARLIER_DEFAULTS", {})  # had the default never changed
+    assert config.differing_settings(now, old_run) == []
+
+
+def test_a_committed_run_from_before_the_floor_loads_with_floor_zero():
+    from pathlib import Path
+
+    from sensprune.checkpoint import load_run_model
+
+    run = Path(__file__).resolve().parents[1] / "results" / "lenet300" / "sensitivity"
+    cfg, _ = load_run_model(run)
+    assert cfg.method == "sensitivity" and cfg.decay_floor == 0.0
