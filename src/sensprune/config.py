@@ -37,12 +37,14 @@ DEFAULT_LR_OTHER, DEFAULT_LR_ADAM = 0.05, 1e-3
 
 
 def setting(default: Any = dataclasses.MISSING, help: str | None = None, *,
-            min: float | None = None, above: float | None = None, flag: str | None = None,
-            metavar: str | None = None, cli: bool = True, default_factory: Any = None) -> Any:
-    """One setting, declared once: its default, the help the CLI prints, its lower bound (min:
-    >= ; above: >), and how the CLI spells it (flag; cli=False keeps it library-only).
+            min: float | None = None, above: float | None = None, max: float | None = None,
+            flag: str | None = None, metavar: str | None = None, cli: bool = True,
+            default_factory: Any = None) -> Any:
+    """One setting, declared once: its default, the help the CLI prints, its bounds (min: >=;
+    above: >; max: <=), and how the CLI spells it (flag; cli=False keeps it library-only).
     `validate` and `cli.add_setting_options` both read this metadata."""
-    meta = {"help": help, "min": min, "above": above, "flag": flag, "metavar": metavar, "cli": cli}
+    meta = {"help": help, "min": min, "above": above, "max": max, "flag": flag,
+            "metavar": metavar, "cli": cli}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -90,10 +92,10 @@ class TrainConfig:
     beta: float = setting(1.0, "scale of S in the insensitivity max(0, 1 - beta*S/norm)",
                           above=0)
     quantile: float = setting(0.5, "normalize quantile: which quantile of S per layer (0-1]",
-                              above=0)
+                              above=0, max=1)
     decay_floor: float = setting(0.5, "smallest decay factor max(decay_floor, 1 - S): the most "
                                  "sensitive weights still decay by decay_floor * lam (0: the "
-                                 "paper's literal max(0, 1 - S); 1: plain L2)", min=0)
+                                 "paper's literal max(0, 1 - S); 1: plain L2)", min=0, max=1)
     times_weight: bool = setting(False, "insensitivity of |w|*S (the weight's contribution) "
                                  "instead of S")
     batchnorm: str = setting("frozen", "BatchNorm in the sensitivity: batch statistics as "
@@ -150,17 +152,17 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, key)!r}")
         for f in dataclasses.fields(self):  # the bounds declared with each setting
-            v, low, above = getattr(self, f.name), f.metadata.get("min"), f.metadata.get("above")
+            v, meta = getattr(self, f.name), f.metadata
             if v is None or isinstance(v, (str, bool)):
                 continue
-            if low is not None and v < low:
-                raise ConfigError(f"{f.name} must be >= {low:g}, got {v}")
-            if above is not None and not v > above:
-                raise ConfigError(f"{f.name} must be > {above:g}, got {v}")
-        if self.quantile > 1:
-            raise ConfigError(f"quantile must be in (0, 1], got {self.quantile}")
-        if self.decay_floor > 1:
-            raise ConfigError(f"decay_floor must be in [0, 1], got {self.decay_floor}")
+            low, above, high = meta.get("min"), meta.get("above"), meta.get("max")
+            if ((low is not None and v < low) or (above is not None and not v > above)
+                    or (high is not None and v > high)):
+                start = (f"[{low:g}" if low is not None else f"({above:g}" if above is not None
+                         else "(-inf")
+                bound = (f"in {start}, {high:g}]" if high is not None else
+                         f">= {low:g}" if low is not None else f"> {above:g}")
+                raise ConfigError(f"{f.name} must be {bound}, got {v}")
         if self.warmup_epochs + self.finetune_epochs > self.epochs:
             raise ConfigError(f"warmup_epochs + finetune_epochs ({self.warmup_epochs} + "
                               f"{self.finetune_epochs}) exceed epochs ({self.epochs})")
@@ -203,20 +205,21 @@ NOT_RESULT = ("threads", "progress", "workers", "data_dir", "out", "device")
 EARLIER_DEFAULTS: dict[str, Any] = {"decay_floor": 0.0}
 
 
+def _defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)
+            if f.default is not dataclasses.MISSING}
+
+
 def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved run's config as it ran: keys it lacks take their earlier default, if one
     changed since, else today's."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                if f.default is not dataclasses.MISSING}
-    return {**defaults, **EARLIER_DEFAULTS, **saved}
+    return {**_defaults(), **EARLIER_DEFAULTS, **saved}
 
 
 def differing_settings(now: dict[str, Any], saved: dict[str, Any]) -> list[str]:
     """Names of the settings that change the result and differ between two configs (``saved``
     completed by :func:`saved_settings`)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                if f.default is not dataclasses.MISSING}
-    now, saved = {**defaults, **now}, saved_settings(saved)
+    now, saved = {**_defaults(), **now}, saved_settings(saved)
     return sorted(k for k in set(now) | set(saved) if k not in NOT_RESULT
                   and now.get(k) != saved.get(k))
 

@@ -38,6 +38,9 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .distributed import active as dist_active
+from .errors import ConfigError
+from .models import select_params  # noqa: F401  (re-exported: part of this module's API)
 from .sensitivity import (BATCHNORM_MODES, LayerRecorder, alpha_matrix, check_options, compute,
                           samples_coupled, sensitivity)
 
@@ -67,9 +70,6 @@ def insensitivity(s: torch.Tensor, normalize: str = "none", beta: float = 1.0,
     if norm <= 0:  # no signal at all in this layer: every weight is insensitive
         return v.zero_().add_(1.0)
     return v.mul_(-beta / norm).add_(1.0).clamp_(min=floor)
-from .distributed import active as dist_active
-from .errors import ConfigError
-from .models import select_params  # noqa: F401  (re-exported: part of this module's API)
 
 
 class SensitivityRegularizer:

@@ -266,7 +266,7 @@ def plot_pareto(result: dict, path: Path) -> Path | None:
 def inspect_markdown(result: dict) -> str:
     """`sensprune inspect`'s table: per layer the quantiles of S and the decay they drive."""
     st = result["settings"]
-    form = f"max({st.get('floor', 0):g}, 1 - " + (f"{st['beta']:g}*" if st["beta"] != 1 else "") + \
+    form = f"max({st['floor']:g}, 1 - " + (f"{st['beta']:g}*" if st["beta"] != 1 else "") + \
         ("|w|*S" if st["times_weight"] else "S") + \
         (f" / {st['normalize']}_layer" if st["normalize"] != "none" else "") + ")"
     lines = [f"S: {st['kind']}, {st['outputs']}, {st['reduction']} reduction, source "

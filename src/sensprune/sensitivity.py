@@ -148,11 +148,10 @@ def _lstm_unrolled(mod: nn.LSTM, x: torch.Tensor, hx=None):
     layer_in, records, h_last, c_last = x, [], [], []
     for layer in range(layers):
         w_ih, w_hh = getattr(mod, f"weight_ih_l{layer}"), getattr(mod, f"weight_hh_l{layer}")
-        b_ih = getattr(mod, f"bias_ih_l{layer}", None) if mod.bias else None
-        b_hh = getattr(mod, f"bias_hh_l{layer}", None) if mod.bias else None
         # the input part of every step at once, both biases folded in; the probe added once
         # (its derivative is that of every step's gate pre-activations)
-        bias = None if b_ih is None else b_ih + b_hh
+        bias = (getattr(mod, f"bias_ih_l{layer}") + getattr(mod, f"bias_hh_l{layer}")
+                if mod.bias else None)
         gx = F.linear(layer_in, w_ih, bias)
         probe = torch.zeros(gx.shape, dtype=gx.dtype, device=gx.device, requires_grad=True)
         gx = gx + probe
