@@ -24,6 +24,7 @@ def assert_usage_error(r, needle):
     (["train", "--lr", "fast"], "expected a number"),
     (["train", "--recipe", "no/such.toml"], "recipe file no/such.toml not found"),
     (["train", "--threshold", "big"], "threshold must be"),
+    (["train", "--threshold", "schedule", "--target-sparsity", "1"], "target_sparsity must be below 1"),
     (["train", "--warmup-epochs", "5", "--epochs", "2"], "exceed epochs"),
     (["train", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "--data-dir"),
     (["train", "--resume", "--out", "/tmp/sensprune-no-such-run"], "no checkpoint"),

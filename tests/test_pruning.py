@@ -85,3 +85,60 @@ def test_bad_threshold():
         p.threshold(-1.0)
     with pytest.raises(ConfigError, match="mode"):
         p.threshold(0.1, mode="neuron")
+
+
+def test_prune_to_removes_the_smallest_weights_by_brute_force():
+    """Global: the k = sparsity * total smallest |w| over all layers go, nothing else;
+    layer mode: the same fraction of each layer."""
+    m = model()
+    p = Pruner(m)
+    w0 = torch.cat([q.detach().abs().flatten() for q in p.params.values()])
+    cut = p.prune_to(0.6)
+    k = int(0.6 * 2400)
+    order = w0.sort().values
+    assert cut == float(order[k - 1])
+    assert p.nonzero() == 2400 - k
+    now = torch.cat([q.detach().flatten() for q in p.params.values()])
+    assert torch.equal(now == 0, w0 <= order[k - 1])
+
+    q = Pruner(model())
+    sizes = {n: w.numel() for n, w in q.params.items()}
+    w1 = {n: w.detach().abs().clone() for n, w in q.params.items()}
+    q.prune_to(0.3, mode="layer")
+    for n, w in q.params.items():
+        kn = int(0.3 * sizes[n])
+        assert int((w == 0).sum()) == kn
+        assert torch.equal(w.detach() == 0, w1[n] <= w1[n].flatten().sort().values[kn - 1])
+
+
+def test_prune_to_counts_what_is_already_pruned_and_never_revives():
+    m = model()
+    p = Pruner(m)
+    p.prune_to(0.5)
+    kept = p.nonzero()
+    assert p.prune_to(0.4) == 0.0 and p.nonzero() == kept  # already past 40%: nothing to do
+    p.prune_to(0.75)
+    assert p.nonzero() == 2400 - int(0.75 * 2400)
+    with pytest.raises(ConfigError, match="sparsity"):
+        p.prune_to(1.0)
+
+
+def test_schedule_policy_follows_the_cubic_schedule():
+    """threshold 'schedule' after sparsification epoch i of n: pruned fraction
+    s_f * (1 - (1 - i/n)^3), the full target at the phase's last epoch."""
+    from sensprune.pruning import ThresholdPolicy
+
+    m = model()
+    p = Pruner(m)
+    pol = ThresholdPolicy(p, "schedule", target_sparsity=0.9, sparsify_epochs=4)
+    state = {"thresholds": [], "reference_val_error": None}
+
+    def no_eval():
+        raise AssertionError("the schedule must not evaluate")
+
+    for i in (1, 2, 3):
+        pol.end_epoch(state, i, last=False, evaluate=no_eval)
+        assert p.nonzero() == 2400 - int(0.9 * (1 - (1 - i / 4) ** 3) * 2400)
+    pol.end_epoch(state, 4, last=True, evaluate=no_eval)
+    assert p.nonzero() == 2400 - int(0.9 * 2400)
+    assert len(state["thresholds"]) == 4 and state["thresholds"] == sorted(state["thresholds"])

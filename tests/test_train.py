@@ -68,6 +68,22 @@ def test_seeded_runs_are_deterministic(tmp_path):
     assert s1["test_error"] == s2["test_error"]
 
 
+def test_scheduled_threshold_reaches_its_target_for_any_regularizer(tmp_path):
+    """threshold 'schedule': the sparsification phase ends at exactly the target fraction
+    pruned (the summary counts the saved zeros), whichever method; fine-tuning keeps it."""
+    splits = load_dataset("mnist", val_size=500, limit_train=600)
+    for method in ("sensitivity", "l2"):
+        s = train(small_cfg(tmp_path / method, epochs=4, warmup_epochs=1, finetune_epochs=1,
+                            method=method, threshold="schedule", target_sparsity=0.9),
+                  splits=splits, log=lambda *_: None)
+        assert s["nonzero_params"] == 266_200 - int(0.9 * 266_200)
+        lines = [json.loads(x) for x in (tmp_path / method / "run" / "metrics.jsonl")
+                 .read_text().splitlines()]
+        # after sparsification epoch 1 of 2: 0.9 * (1 - 1/8) of the weights pruned
+        assert abs(lines[1]["remaining_percent"] - 100 * (1 - int(0.9 * 0.875 * 266_200)
+                                                         / 266_200)) < 1e-9
+
+
 def test_evaluate_helper(mnist):
     m = build_model("lenet300")
     err, loss = evaluate(m, mnist.val)

@@ -113,7 +113,9 @@ class TrainConfig:
                                     "its zero weights stay zero (fine-tune a pruned model)",
                                     metavar="RUN")
     threshold: str | float = setting("auto", "'auto' (largest T within the validation "
-                                     "budget), 'none', or a value T")
+                                     "budget), 'schedule' (prune the smallest weights to "
+                                     "target_sparsity along a cubic schedule), 'none', or a "
+                                     "value T")
     threshold_mode: str = setting("global", "one threshold for all layers, or one per layer")
     val_budget: float = setting(0.1, "auto threshold: allowed validation error increase, in "
                                 "points", min=0)
@@ -125,7 +127,8 @@ class TrainConfig:
     prune_every: int = setting(1, "threshold every N epochs of the sparsification phase",
                                min=1)
     # baselines
-    target_sparsity: float = setting(0.95, "gmp: final fraction of weights removed (0-1)",
+    target_sparsity: float = setting(0.95, "gmp and threshold 'schedule': final fraction "
+                                     "of weights removed (0-1)",
                                      min=0)
     gmp_every: int = setting(100, "gmp: steps between pruning updates", min=1)
     vd_kl_warmup_epochs: int = setting(5, "sparse_vd: epochs to anneal the KL weight from 0 "
@@ -170,6 +173,9 @@ class TrainConfig:
         if self.val_size == 0 and self.threshold == "auto" and self.method != "none":
             raise ConfigError("the automatic threshold needs a validation set: set --val-size "
                               "above 0 or give a fixed --threshold")
+        if self.threshold == "schedule" and not self.target_sparsity < 1.0:
+            raise ConfigError(f"target_sparsity must be below 1 (the fraction of weights "
+                              f"removed), got {self.target_sparsity}")
         if self.init_from is not None and not Path(self.init_from).exists():
             raise ConfigError(f"init_from: {self.init_from} does not exist; give a run directory "
                               "or its model.pt")
@@ -227,14 +233,15 @@ def differing_settings(now: dict[str, Any], saved: dict[str, Any]) -> list[str]:
 def parse_threshold(value: str | float) -> str | float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"threshold must be >= 0, 'auto' or 'none'; got {value}")
+            raise ConfigError(f"threshold must be >= 0, 'auto', 'schedule' or 'none'; got {value}")
         return float(value)
-    if value in ("auto", "none"):
+    if value in ("auto", "schedule", "none"):
         return value
     try:
         return parse_threshold(float(value))
     except (TypeError, ValueError):
-        raise ConfigError(f"threshold must be 'auto', 'none' or a number; got {value!r}") from None
+        raise ConfigError(f"threshold must be 'auto', 'schedule', 'none' or a number; "
+                          f"got {value!r}") from None
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

@@ -64,6 +64,31 @@ class Pruner:
         return before - self.nonzero()
 
     @torch.no_grad()
+    def prune_to(self, sparsity: float, mode: str = "global") -> float:
+        """Prune the smallest-magnitude kept weights until the fraction ``sparsity`` of all
+        weights (of each layer, in 'layer' mode) is pruned; returns the (largest) magnitude
+        cut, 0.0 when nothing had to go. Weights tied with the cut go too (the fraction can
+        overshoot by the tied count); masks only grow, so a larger pruned fraction stays."""
+        if not 0.0 <= sparsity < 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+        groups = ([list(self.params)] if mode == "global" else [[n] for n in self.params])
+        if mode not in ("global", "layer"):
+            raise ConfigError(f"threshold mode must be 'global' or 'layer', got {mode!r}")
+        cut = 0.0
+        for names in groups:
+            total = sum(self.params[n].numel() for n in names)
+            kept = torch.cat([self.params[n].detach()[self.masks[n]].abs() for n in names])
+            remove = int(sparsity * total) - (total - kept.numel())
+            if remove <= 0:
+                continue
+            t = float(kept.kthvalue(remove).values)
+            for n in names:
+                self.prune(n, self.params[n].detach().abs() > t)
+            cut = max(cut, t)
+        self.apply()
+        return cut
+
+    @torch.no_grad()
     def apply(self) -> None:
         """Zero pruned weights and the optimizer state at pruned positions (call after each
         optimizer step: momentum or Adam moments would otherwise revive them)."""
@@ -156,7 +181,10 @@ class ThresholdPolicy:
     threshold, and at which T.
 
     threshold: ``"auto"`` (the largest T whose validation error stays within ``val_budget``
-    points of a reference), ``"none"``, or a fixed T. reference (auto only): ``"epoch"``, that
+    points of a reference), ``"schedule"`` (the smallest-magnitude weights, up to the pruned
+    fraction ``target * (1 - (1 - i/n)^3)`` after sparsification epoch i of n: Zhu & Gupta's
+    cubic schedule at epoch ends, for any regularizer; the error is not looked at),
+    ``"none"``, or a fixed T. reference (auto only): ``"epoch"``, that
     epoch's own error before thresholding (the threshold removes only what the network no
     longer needs, but the accepted losses add up epoch after epoch); ``"start"``, the warmed-up
     network's error, fixed (the error can never drift past it plus the budget); ``"best"``,
@@ -169,8 +197,10 @@ class ThresholdPolicy:
     def __init__(self, pruner: Pruner, threshold: str | float = "auto", mode: str = "global",
                  val_budget: float = 0.1, reference: str = "epoch", patience: int = 0,
                  every: int = 1, is_main: bool = True,
-                 broadcast: Callable[[float], float] = lambda t: t):
+                 broadcast: Callable[[float], float] = lambda t: t,
+                 target_sparsity: float = 0.95, sparsify_epochs: int = 1):
         self.pruner, self.threshold, self.mode = pruner, threshold, mode
+        self.target, self.sparsify_epochs = target_sparsity, max(1, sparsify_epochs)
         self.val_budget, self.reference = val_budget, reference
         self.patience, self.every = patience, every
         self.is_main, self.broadcast = is_main, broadcast
@@ -204,6 +234,11 @@ class ThresholdPolicy:
                 budget = state["reference_val_error"] + self.val_budget
                 t = self.pruner.auto_threshold(lambda: evaluate()[0], budget, self.mode)
             t = self.broadcast(t)
+        elif self.threshold == "schedule":
+            frac = 1.0 if last else min(1.0, index / self.sparsify_epochs)
+            t = self.pruner.prune_to(self.target * (1.0 - (1.0 - frac) ** 3), self.mode)
+            state["thresholds"].append(t)
+            return t
         else:
             t = float(self.threshold)
         self.pruner.threshold(t, self.mode)
