@@ -197,6 +197,11 @@ class TrainConfig:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{f.name} must be a finite number, got {v!r}")
 
+    @property
+    def sparsify_epochs(self) -> int:
+        """Epochs of the sparsification phase (between warm-up and fine-tuning)."""
+        return self.epochs - self.warmup_epochs - self.finetune_epochs
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

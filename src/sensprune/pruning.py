@@ -20,6 +20,12 @@ from .errors import ConfigError
 from .models import prunable_weights
 
 
+def cubic_sparsity(target: float, progress: float) -> float:
+    """Zhu & Gupta's schedule: the pruned fraction target * (1 - (1 - progress)^3), progress
+    the share of the sparsification phase done (clipped to 1)."""
+    return target * (1.0 - (1.0 - min(1.0, progress)) ** 3)
+
+
 class Pruner:
     """Holds masks (True = kept) for the prunable parameters of ``model``."""
 
@@ -71,9 +77,9 @@ class Pruner:
         overshoot by the tied count); masks only grow, so a larger pruned fraction stays."""
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
-        groups = ([list(self.params)] if mode == "global" else [[n] for n in self.params])
         if mode not in ("global", "layer"):
             raise ConfigError(f"threshold mode must be 'global' or 'layer', got {mode!r}")
+        groups = [list(self.params)] if mode == "global" else [[n] for n in self.params]
         cut = 0.0
         for names in groups:
             total = sum(self.params[n].numel() for n in names)
@@ -235,13 +241,12 @@ class ThresholdPolicy:
                 t = self.pruner.auto_threshold(lambda: evaluate()[0], budget, self.mode)
             t = self.broadcast(t)
         elif self.threshold == "schedule":
-            frac = 1.0 if last else min(1.0, index / self.sparsify_epochs)
-            t = self.pruner.prune_to(self.target * (1.0 - (1.0 - frac) ** 3), self.mode)
-            state["thresholds"].append(t)
-            return t
+            progress = 1.0 if last else index / self.sparsify_epochs
+            t = self.pruner.prune_to(cubic_sparsity(self.target, progress), self.mode)
         else:
             t = float(self.threshold)
-        self.pruner.threshold(t, self.mode)
+        if self.threshold != "schedule":  # prune_to has pruned already
+            self.pruner.threshold(t, self.mode)
         state["thresholds"].append(t)
         return t
 

@@ -183,7 +183,7 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
                              cfg.threshold_ref, cfg.prune_patience, cfg.prune_every,
                              is_main=info.is_main, broadcast=ddp.broadcast_float,
                              target_sparsity=cfg.target_sparsity,
-                             sparsify_epochs=cfg.epochs - cfg.warmup_epochs - cfg.finetune_epochs)
+                             sparsify_epochs=cfg.sparsify_epochs)
     for epoch in range(state["epoch"], cfg.epochs):
         phase = phase_of(cfg, epoch)
         if phase == "finetune" and cfg.finetune_lr > 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..pruning import cubic_sparsity
 from .base import Method, MethodContext
 
 
@@ -25,35 +26,21 @@ class GradualMagnitude(Method):
 
     @classmethod
     def from_config(cls, cfg, ctx: MethodContext) -> "GradualMagnitude":
-        sparsify_epochs = cfg.epochs - cfg.warmup_epochs - cfg.finetune_epochs
-        return cls(ctx.pruner, cfg.target_sparsity, sparsify_epochs * ctx.steps_per_epoch,
+        return cls(ctx.pruner, cfg.target_sparsity, cfg.sparsify_epochs * ctx.steps_per_epoch,
                    every=cfg.gmp_every)
 
     def sparsity_at(self, t: int) -> float:
-        frac = min(1.0, t / self.total)
-        return self.target * (1.0 - (1.0 - frac) ** 3)
+        return cubic_sparsity(self.target, t / self.total)
 
     @torch.no_grad()
     def step(self) -> None:
         self.t += 1
         if self.t % self.every and self.t < self.total:
             return
-        self.prune_to(self.sparsity_at(self.t))
-
-    @torch.no_grad()
-    def prune_to(self, sparsity: float) -> None:
-        p = self.pruner
-        mags = torch.cat([w.detach().abs().flatten() for w in p.params.values()])
-        k = int(sparsity * mags.numel())
-        if k <= 0:
-            return
-        t = float(mags.kthvalue(k).values)
-        for n, w in p.params.items():
-            p.prune(n, w.detach().abs() > t)
-        p.apply()
+        self.pruner.prune_to(self.sparsity_at(self.t))
 
     def end_phase(self) -> None:
-        self.prune_to(self.target)
+        self.pruner.prune_to(self.target)
 
     def state_dict(self) -> dict:
         return {"t": self.t}
