@@ -229,23 +229,23 @@ class ThresholdPolicy:
             due = due and _plateaued(state, before[1], self.patience)
         if self.threshold == "none" or not due:
             return None
-        if self.threshold == "auto":
-            t = 0.0
-            if self.is_main:
-                if self.reference != "start" or state["reference_val_error"] is None:
-                    now = before[0] if before is not None else evaluate()[0]
-                    state["reference_val_error"] = (
-                        _lowest(now, state.get("best_val_error"))
-                        if self.reference == "best" else now)
-                budget = state["reference_val_error"] + self.val_budget
-                t = self.pruner.auto_threshold(lambda: evaluate()[0], budget, self.mode)
-            t = self.broadcast(t)
-        elif self.threshold == "schedule":
+        if self.threshold == "schedule":  # prune_to prunes by itself
             progress = 1.0 if last else index / self.sparsify_epochs
             t = self.pruner.prune_to(cubic_sparsity(self.target, progress), self.mode)
         else:
-            t = float(self.threshold)
-        if self.threshold != "schedule":  # prune_to has pruned already
+            if self.threshold == "auto":
+                t = 0.0
+                if self.is_main:
+                    if self.reference != "start" or state["reference_val_error"] is None:
+                        now = before[0] if before is not None else evaluate()[0]
+                        state["reference_val_error"] = (
+                            _lowest(now, state.get("best_val_error"))
+                            if self.reference == "best" else now)
+                    budget = state["reference_val_error"] + self.val_budget
+                    t = self.pruner.auto_threshold(lambda: evaluate()[0], budget, self.mode)
+                t = self.broadcast(t)
+            else:
+                t = float(self.threshold)
             self.pruner.threshold(t, self.mode)
         state["thresholds"].append(t)
         return t

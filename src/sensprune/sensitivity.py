@@ -289,12 +289,9 @@ def _batched_grad(y, inputs, grad_outputs):
         rows = [torch.autograd.grad(y, inputs, g, retain_graph=True, allow_unused=True)
                 for g in grad_outputs]
         # one row (the specific kind): a view, not a copy of every layer's output gradient
-        grads = tuple(
-            None if rows[0][i] is None
-            else rows[0][i].unsqueeze(0) if len(rows) == 1
-            else torch.stack([r[i] for r in rows])
-            for i in range(len(inputs))
-        )
+        stack = (lambda ts: ts[0].unsqueeze(0)) if len(rows) == 1 else torch.stack
+        grads = tuple(None if rows[0][i] is None else stack([r[i] for r in rows])
+                      for i in range(len(inputs)))
     r = grad_outputs.shape[0]
     return [torch.zeros((r,) + t.shape, dtype=t.dtype, device=t.device) if g is None else g
             for g, t in zip(grads, inputs)]
