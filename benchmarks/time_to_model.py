@@ -20,19 +20,19 @@ and any other registered method (``gmp``, ``magnitude``, ...).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 import torch
 
 import sensprune
-from sensprune.config import RECIPES_DIR, load_recipe
+from sensprune.config import load_recipe
 
 PHASES = ("train", "warmup", "sparsify", "finetune")
 
@@ -46,12 +46,11 @@ def method_overrides(label: str) -> dict:
 
 
 def base_settings(recipe: str) -> dict:
-    """A training recipe's settings; for a reproduce recipe, its [common] table."""
-    path = Path(recipe)
-    if not path.exists():
-        path = RECIPES_DIR / f"{recipe}.toml"
-    data = tomllib.loads(path.read_text()) if path.exists() else {}
-    return dict(data["common"]) if "common" in data else load_recipe(recipe)
+    """A training recipe's settings; for a reproduce recipe, its [common] table.
+
+    load_recipe flattens every table, so a reproduce recipe's [methods.<label>] tables come
+    back as dict values under their labels: dropping those leaves [common]."""
+    return {k: v for k, v in load_recipe(recipe).items() if not isinstance(v, dict)}
 
 
 def run_one(settings: dict, label: str, args, workdir: Path) -> dict:
@@ -66,6 +65,7 @@ def run_one(settings: dict, label: str, args, workdir: Path) -> dict:
     summary = sensprune.train(cfg, log=lambda *_: None)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (workdir / label / "metrics.jsonl").read_text().splitlines()]
+    elapsed = list(itertools.accumulate(r["seconds"] for r in rows))
     phases = {}
     for ph in PHASES:
         secs = [r["seconds"] for r in rows if r["phase"] == ph]
@@ -75,30 +75,27 @@ def run_one(settings: dict, label: str, args, workdir: Path) -> dict:
     return {"method": label, "kind": cfg.kind if cfg.method == "sensitivity" else None,
             "lam": cfg.lam, "epochs": cfg.epochs, "warmup_epochs": cfg.warmup_epochs,
             "finetune_epochs": cfg.finetune_epochs, "phases": phases,
-            "epoch_seconds_total": sum(r["seconds"] for r in rows), "wall_s": wall,
+            "epoch_seconds_total": elapsed[-1], "wall_s": wall,
             "val_errors": [r["val_error"] for r in rows],
-            "compressions": [r["compression_ratio"] for r in rows],
-            "elapsed": [sum(r["seconds"] for r in rows[:i + 1]) for i in range(len(rows))],
+            "compressions": [r["compression_ratio"] for r in rows], "elapsed": elapsed,
             "compression": summary["compression_ratio"], "test_error": summary["test_error"]}
 
 
+def first_epoch(run: dict, done: list[bool]) -> tuple[int, float] | tuple[None, None]:
+    """(epoch, seconds elapsed) of the run's first epoch where ``done`` holds."""
+    i = next((i for i, d in enumerate(done) if d), None)
+    return (None, None) if i is None else (i + 1, run["elapsed"][i])
+
+
 def time_to(run: dict, target: float) -> tuple[int, float] | tuple[None, None]:
-    """(epoch, seconds) when the run's validation error first reached ``target``."""
-    for i, v in enumerate(run["val_errors"]):
-        if v <= target:
-            return i + 1, run["elapsed"][i]
-    return None, None
+    """When the run's validation error first reached ``target``."""
+    return first_epoch(run, [v <= target for v in run["val_errors"]])
 
 
 def time_to_compression(run: dict, share: float = 0.9) -> tuple[int, float] | tuple[None, None]:
-    """(epoch, seconds) when the run first held ``share`` of its final compression."""
+    """When the run first held ``share`` of its final compression (never, for a dense run)."""
     final = run["compressions"][-1]
-    if final <= 1.0:
-        return None, None
-    for i, c in enumerate(run["compressions"]):
-        if c >= share * final:
-            return i + 1, run["elapsed"][i]
-    return None, None
+    return first_epoch(run, [final > 1.0 and c >= share * final for c in run["compressions"]])
 
 
 def main() -> None:
