@@ -42,7 +42,7 @@ def mlp():
 def test_normalized_times_weight_regularizer_matches_hand_formula():
     m = mlp()
     x, t = torch.randn(10, 12), torch.randint(0, 3, (10,))
-    reg = SensitivityRegularizer(m, 0.1, normalize="mean", beta=0.5, times_weight=True, floor=0.0)
+    reg = SensitivityRegularizer(m, 0.1, normalize="mean", beta=0.5, times_weight=True, decay_floor=0.0)
     reg.update(x, t)
     s = sensitivity(m, x, t, params=list(prunable_weights(m)))
     for n, p in prunable_weights(m).items():
@@ -54,12 +54,12 @@ def test_normalized_times_weight_regularizer_matches_hand_formula():
 
 def test_decay_floor_hand_computed_and_applied_by_the_step():
     s = torch.tensor([0.0, 0.5, 0.9, 2.0])
-    torch.testing.assert_close(insensitivity(s, floor=0.2), torch.tensor([1.0, 0.5, 0.2, 0.2]))
-    assert torch.equal(insensitivity(s, floor=1.0), torch.ones(4))  # floor 1: plain L2
+    torch.testing.assert_close(insensitivity(s, decay_floor=0.2), torch.tensor([1.0, 0.5, 0.2, 0.2]))
+    assert torch.equal(insensitivity(s, decay_floor=1.0), torch.ones(4))  # floor 1: plain L2
     m = mlp()
     x, t = torch.randn(10, 12), torch.randint(0, 3, (10,))
     before = {n: p.detach().clone() for n, p in prunable_weights(m).items()}
-    reg = SensitivityRegularizer(m, 0.1, floor=0.3)
+    reg = SensitivityRegularizer(m, 0.1, decay_floor=0.3)
     reg.update(x, t)
     s = sensitivity(m, x, t, params=list(prunable_weights(m)))
     reg.step()
@@ -73,7 +73,7 @@ def test_decay_floor_hand_computed_and_applied_by_the_step():
         torch.testing.assert_close(default.insensitivity[n], (1 - s[n]).clamp(min=0.5))
     assert make_config().decay_floor == 0.5
     with pytest.raises(ConfigError, match="floor"):
-        SensitivityRegularizer(m, 0.1, floor=1.5)
+        SensitivityRegularizer(m, 0.1, decay_floor=1.5)
     with pytest.raises(ConfigError, match="decay_floor must be in"):
         make_config(decay_floor=1.5)
 
@@ -84,7 +84,7 @@ def test_loss_source_uses_the_batch_gradient():
     ref = {n: torch.autograd.grad(F.cross_entropy(m(x), t), p)[0].abs()
            for n, p in prunable_weights(m).items()}
     w0 = {n: p.detach().clone() for n, p in prunable_weights(m).items()}
-    reg = SensitivityRegularizer(m, 0.2, source="loss", normalize="mean", floor=0.0)
+    reg = SensitivityRegularizer(m, 0.2, source="loss", normalize="mean", decay_floor=0.0)
     with reg.observe(t):  # records nothing: the gradient is all it needs
         out = m(x)
     F.cross_entropy(out, t).backward()

@@ -90,7 +90,7 @@ def test_sensitivity_epoch_stats_hand_computed_and_in_the_metrics(tmp_path):
     assert abs(got["mean_decay"] - mean) < 1e-6
     assert abs(got["cv_decay"] - std / mean) < 1e-6
     assert abs(got["undecayed"] - 0.25) < 1e-6
-    m.floor = 0.5  # with a decay floor, the weights at the floor are the least decayed
+    m.decay_floor = 0.5  # with a decay floor, the weights at the floor are the least decayed
     assert abs(m.epoch_stats()["decay"]["fc3.weight"]["undecayed"] - 0.75) < 1e-6
 
     splits = load_dataset("mnist", val_size=500, limit_train=1000)

@@ -246,7 +246,7 @@ def test_frozen_observe_keeps_the_training_backward_usable():
     m = _bn_net()
     x, t = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
     ref = sensitivity(m, x, t, params=["0.weight", "4.weight", "7.weight"])
-    reg = SensitivityRegularizer(m, 1e-3, floor=0.0)
+    reg = SensitivityRegularizer(m, 1e-3, decay_floor=0.0)
     before = m[1].num_batches_tracked.clone()
     with reg.observe(t):
         out = m(x)

@@ -1,8 +1,15 @@
-"""Run files on disk: atomic writes, reading checkpoints, and rebuilding a trained model from
-a run directory (model.pt + summary.json, or checkpoint.pt) or a checkpoint file."""
+"""Run files on disk: atomic writes, reading checkpoints safely, and rebuilding a trained model
+from a run directory (model.pt + summary.json, or checkpoint.pt) or a checkpoint file.
+
+Every file is untrusted: checkpoints and models are read with ``torch.load(weights_only=True)``
+(plain containers, tensors, numbers and strings; a pickle that would build any other object
+is refused, so no code runs from a file), and a checkpoint carries a SHA-256 of its contents
+(:func:`state_digest`) that is checked on every read, so a damaged file is named, never used.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,49 +20,136 @@ import torch
 from .errors import CheckpointError
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "method", "pruner", "state")
+
+
+def state_digest(obj: Any) -> str:
+    """SHA-256 over a nested structure of dicts, lists, tensors and scalars: every tensor's
+    dtype, shape and bytes, every key and value. A flipped bit anywhere changes it."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if torch.is_tensor(o):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}".encode())
+            for k in sorted(o, key=repr):
+                h.update(repr(k).encode())
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            h.update(f"L{len(o)}".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"V{type(o).__name__}:{o!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over ``path``:
-    a crash leaves either the old file or the new one, never a torn one."""
+    a crash leaves either the old file or the new one, never a torn one. A failed write (disk
+    full, a file-size limit, the directory gone) removes its temporary file, keeps the old
+    file and says so in one line."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch wraps ENOSPC/EFBIG in a RuntimeError
+        _remove_quietly(tmp)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:80]
+        kept = "the previous file is kept" if path.exists() else "nothing was written"
+        raise CheckpointError(f"cannot write {path} ({why}); {kept}; free space (or fix the "
+                              "directory) and run again with --resume") from None
 
 
 def write_text_atomic(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise CheckpointError(f"cannot write {path} ({exc.strerror}); free space (or fix the "
+                              "directory) and run again") from None
+
+
+def safe_load(path: str | Path, map_location="cpu", what: str = "file") -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only. Anything
+    else (a pickled object, code) is refused with one line naming the file."""
+    p = Path(path)
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {p} not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{what} {p} is a directory; give the file") from None
+    except Exception as exc:  # torch raises several types for torn, corrupt or unsafe files
+        unsafe = "weights only" in str(exc).lower() or "unsupported global" in str(exc).lower()
+        why = ("it holds Python objects other than tensors and plain values, which sensprune "
+               "never loads (they could run code)" if unsafe else
+               f"it is truncated, corrupt or not a PyTorch file ({type(exc).__name__})")
+        raise CheckpointError(f"{what} {p} is refused: {why}") from None
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint written by :func:`save_run`, checked: readable without running code, of the
+    expected layout, and equal to its SHA-256 (a damaged file is refused, naming it)."""
     p = Path(path)
     if p.is_dir():
         p = p / CHECKPOINT
-    try:
-        return torch.load(p, map_location=map_location, weights_only=False)
-    except FileNotFoundError:
+    if not p.exists():
         raise CheckpointError(f"checkpoint {p} not found; give a run directory or its "
-                              f"{CHECKPOINT}") from None
-    except Exception as exc:  # torch raises several types for torn/corrupt files
-        raise CheckpointError(f"checkpoint {p} is unreadable ({type(exc).__name__}); it is "
-                              "corrupt or not a sensprune checkpoint") from None
+                              f"{CHECKPOINT}")
+    obj = safe_load(p, map_location, "checkpoint")
+    if not isinstance(obj, dict) or any(k not in obj for k in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{p} is not a sensprune checkpoint (it lacks "
+                              f"{', '.join(CHECKPOINT_KEYS)}); give the checkpoint.pt of a run")
+    if not isinstance(obj["config"], dict) or not isinstance(obj["model"], dict):
+        raise CheckpointError(f"{p} is not a sensprune checkpoint (config and model must be "
+                              "tables)")
+    digest = obj.pop("sha256", None)
+    if digest is not None and digest != state_digest(obj):
+        raise CheckpointError(f"checkpoint {p} is damaged (its SHA-256 does not match its "
+                              "contents); restore it from a copy or train again")
+    return obj
 
 
 def save_run(path: Path, cfg, model, optimizer, scheduler, method, pruner, state: dict) -> None:
     """Everything a run needs to continue exactly where it stopped, written atomically."""
     from ._version import __version__
 
-    save_atomic({
+    ckpt = {
         "version": __version__, "config": cfg.to_dict(), "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scheduler": _plain_scheduler_state(scheduler),
         "method": method.state_dict(), "pruner": pruner.state_dict(), "state": state,
-    }, path)
+    }
+    ckpt["sha256"] = state_digest(ckpt)
+    save_atomic(ckpt, path)
+
+
+def _plain_scheduler_state(scheduler) -> dict | None:
+    """The scheduler's state without callables (LambdaLR keeps its lambdas as None entries):
+    everything in a checkpoint must load with weights_only=True."""
+    if scheduler is None:
+        return None
+    return {k: v for k, v in scheduler.state_dict().items() if not callable(v)}
 
 
 def restore_run(path: Path, cfg, model, optimizer, scheduler, method, pruner,
@@ -97,22 +191,40 @@ def load_run_model(path: str | Path):
         elif not (p / CHECKPOINT).exists():
             raise CheckpointError(f"{p} holds neither model.pt + summary.json nor {CHECKPOINT}; "
                                   "give a run directory written by `sensprune train`")
-    obj = load_checkpoint(p)
+    if p.name == CHECKPOINT or not p.exists():
+        obj = load_checkpoint(p)
+    else:
+        obj = safe_load(p, what="model")
     if isinstance(obj, dict) and "config" in obj and "model" in obj:
+        if p.name != CHECKPOINT:
+            obj = load_checkpoint(p)  # a checkpoint under another name: checked as one
         config, state = obj["config"], obj["model"]
+    elif not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"{p} is neither a sensprune checkpoint nor a model state_dict "
+                              "(a table of tensors); give a run directory or its checkpoint.pt")
     else:  # a bare state_dict (model.pt): its settings are in the run's summary.json
         summary = (p if p.is_dir() else p.parent) / "summary.json"
         try:
             config = json.loads(summary.read_text())["config"]
-        except (OSError, ValueError, KeyError):
+            if not isinstance(config, dict):
+                raise ValueError
+        except (OSError, ValueError, KeyError, TypeError):
             raise CheckpointError(f"{p} holds weights only and no summary.json beside it says "
                                   "which model they belong to; give the run directory or its "
                                   f"{CHECKPOINT}") from None
         state = obj
+        expected = json.loads(summary.read_text()).get("model_sha256")
+        if expected is not None and expected != state_digest(state):
+            raise CheckpointError(f"{p} is damaged (its SHA-256 does not match the one "
+                                  f"{summary.name} recorded); restore it or train again")
     known = set(TrainConfig.__dataclass_fields__)
-    cfg = TrainConfig(**{k: v for k, v in saved_settings(config).items() if k in known})
-    info = dataset_info(cfg.dataset)  # the shapes only: no data is read here
-    model = build_model(cfg.model, info.num_classes, info.input_shape)
+    try:
+        cfg = TrainConfig(**{k: v for k, v in saved_settings(config).items() if k in known})
+        info = dataset_info(cfg.dataset)  # the shapes only: no data is read here
+        model = build_model(cfg.model, info.num_classes, info.input_shape)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{p}: its saved settings do not describe a model sensprune can "
+                              f"build ({str(exc)[:80]})") from None
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:

@@ -205,6 +205,9 @@ def cmd_report(args) -> int:
     print(summary_markdown(summary))
     if metrics:
         png = plot_run(metrics, Path(args.run_dir) / "curves.png")
+        if png:
+            from .rundir import record
+            record(args.run_dir, "curves.png")  # the run's own file: --overwrite may replace it
         print(f"wrote {png}" if png else "(install matplotlib for curves.png)")
     return 0
 
@@ -220,6 +223,9 @@ def cmd_inspect(args) -> int:
                             "normalize", "beta", "quantile", "times_weight", "source", "floor")})
     print(inspect_markdown(result))
     if result.get("png"):
+        if not args.png and run.is_dir():
+            from .rundir import record
+            record(run, "sensitivity.png")
         print(f"wrote {result['png']}")
     if args.json:
         Path(args.json).write_text(json.dumps({k: v for k, v in result.items() if k != "_values"},
@@ -304,9 +310,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sensprune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sensprune: interrupted; the last finished epoch is in the checkpoint "
-              "(continue with --resume)", file=sys.stderr)
+        out = getattr(args, "out", None)
+        if args.command == "train" and out and (Path(out) / "checkpoint.pt").exists():
+            print(f"sensprune: interrupted; the last finished epoch is in {out}/checkpoint.pt "
+                  "(continue with --resume)", file=sys.stderr)
+        else:
+            print("sensprune: interrupted before any checkpoint was written; start again",
+                  file=sys.stderr)
         return 130
+    except OSError as exc:  # the run directory removed mid-run, a disk that went away...
+        print(f"sensprune: error: {exc.strerror or exc}"
+              + (f": {exc.filename}" if exc.filename else "")
+              + "; fix it and run again (a training run continues with --resume)",
+              file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `sensprune ... | head`: the reader left; nothing went wrong here
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

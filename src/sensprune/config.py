@@ -17,7 +17,7 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 # both read this one table (the methods come from their registry).
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adam", "adamw"),
-    "schedule": ("none", "cosine", "step"),
+    "schedule": ("none", "cosine", "step", "linear"),
     "kind": ("specific", "unspecific"),
     "reduction": ("sample", "batch"),
     "outputs": ("logits", "probs"),
@@ -70,7 +70,8 @@ class TrainConfig:
     momentum: float = setting(0.9, min=0)
     nesterov: bool = setting(False, "Nesterov momentum (SGD with momentum > 0)")
     weight_decay: float = setting(0.0, "the optimizer's own weight decay", min=0)
-    schedule: str = setting("none", "learning-rate schedule over all epochs")
+    schedule: str = setting("none", "learning-rate schedule over all epochs (linear: to 0 at "
+                            "the last epoch)")
     step_size: int = setting(10, "schedule step: epochs per step", min=1)
     gamma: float = setting(0.1, "schedule step: lr factor per step", above=0)
     seed: int = setting(0)
@@ -133,6 +134,8 @@ class TrainConfig:
     gmp_every: int = setting(100, "gmp: steps between pruning updates", min=1)
     vd_kl_warmup_epochs: int = setting(5, "sparse_vd: epochs to anneal the KL weight from 0 "
                                        "to 1", min=0)
+    vd_kl_delay_epochs: int = setting(0, "sparse_vd: epochs with KL weight 0 before the "
+                                      "annealing starts", min=0)
     # where
     out: str = setting("runs/latest", "run directory (summary.json, checkpoint.pt, ...)")
     progress: bool = setting(True, "progress bar", flag="--no-progress")
@@ -227,12 +230,43 @@ def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
     return {**_defaults(), **EARLIER_DEFAULTS, **saved}
 
 
+# Settings that only some methods read (method names), and those that only the loop's
+# threshold policy reads: for any other method they cannot change the result.
+READ_BY = {
+    **{k: ("sensitivity",) for k in (
+        "kind", "reduction", "outputs", "decay_floor", "normalize", "beta", "quantile",
+        "times_weight", "batchnorm", "sens_source", "sens_every", "output_samples",
+        "lam_lr_scaled")},
+    "gmp_every": ("gmp",), "vd_kl_warmup_epochs": ("sparse_vd",),
+    "vd_kl_delay_epochs": ("sparse_vd",),
+}
+THRESHOLD_SETTINGS = ("threshold", "val_budget", "threshold_ref", "prune_patience",
+                      "prune_every")
+
+
+def _reads(method: str, key: str) -> bool:
+    """Whether a run of ``method`` reads the setting ``key`` (unknown methods read all)."""
+    if key in READ_BY:
+        return method in READ_BY[key]
+    cls = REGISTRY.get(method)
+    if cls is None:
+        return True
+    if key in THRESHOLD_SETTINGS:
+        return cls.uses_threshold
+    if key == "lam":
+        return cls.uses_lam
+    return True
+
+
 def differing_settings(now: dict[str, Any], saved: dict[str, Any]) -> list[str]:
     """Names of the settings that change the result and differ between two configs (``saved``
-    completed by :func:`saved_settings`)."""
+    completed by :func:`saved_settings`); a setting the run's method does not read is not
+    compared (L2's decay_floor, GMP's threshold)."""
     now, saved = {**_defaults(), **now}, saved_settings(saved)
+    same_method = now.get("method") == saved.get("method")
     return sorted(k for k in set(now) | set(saved) if k not in NOT_RESULT
-                  and now.get(k) != saved.get(k))
+                  and now.get(k) != saved.get(k)
+                  and not (same_method and not _reads(now["method"], k)))
 
 
 def parse_threshold(value: str | float) -> str | float:

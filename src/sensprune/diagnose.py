@@ -75,7 +75,7 @@ def inspect_sensitivity(
     layers, values = {}, {}
     for n, p in weights.items():
         s = s_all[n] * p.detach().abs() if times_weight else s_all[n]
-        d = insensitivity(s, normalize, beta, quantile, floor=floor)
+        d = insensitivity(s, normalize, beta, quantile, decay_floor=floor)
         kept = p.detach() != 0
         layers[n] = _layer_stats(s_all[n][kept], d[kept], floor)
         values[n] = (s_all[n][kept], d[kept])

@@ -6,15 +6,16 @@ class SensPruneError(Exception):
     """A mistake in the user's input (arguments, files, configuration)."""
 
 
-class DataError(SensPruneError):
+class DataError(SensPruneError, ValueError):
     """A dataset file is missing, truncated, corrupt or of the wrong kind."""
 
 
-class ConfigError(SensPruneError):
-    """A recipe or command-line option is invalid."""
+class ConfigError(SensPruneError, ValueError):
+    """A setting is invalid (a recipe, a command-line option, or a library argument): a
+    ValueError, as Python code expects of a bad argument."""
 
 
-class CheckpointError(SensPruneError):
+class CheckpointError(SensPruneError, ValueError):
     """A checkpoint or exported model cannot be read."""
 
 

@@ -232,10 +232,12 @@ def prunable_weights(model: nn.Module, include_biases: bool = False) -> dict[str
 def select_params(model: nn.Module, which: str | Iterable[str] = "weights") -> dict[str, nn.Parameter]:
     """Parameters the method regularizes: 'weights' (Linear/Conv/recurrent weights, the
     default), 'weights+biases', 'all' (normalization parameters too) or explicit names."""
+    # a frozen parameter (requires_grad=False) is the user's to keep: never decayed or pruned
     if which == "weights":
-        return prunable_weights(model)
+        return {n: p for n, p in prunable_weights(model).items() if p.requires_grad}
     if which == "weights+biases":
-        return prunable_weights(model, include_biases=True)
+        return {n: p for n, p in prunable_weights(model, include_biases=True).items()
+                if p.requires_grad}
     if which == "all":
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
     if isinstance(which, str):
@@ -246,3 +248,18 @@ def select_params(model: nn.Module, which: str | Iterable[str] = "weights") -> d
     if missing:
         raise ConfigError(f"unknown parameter(s) {missing}; see model.named_parameters()")
     return {n: named[n] for n in which}
+
+
+def current_params(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """``params`` looked up again by name in ``model``: after ``model.double()``, ``.to()`` or a
+    replaced layer the tensors held since may be stale; the model's own are the ones to change.
+    A parameter that is gone is an error, not a silent no-op."""
+    named = dict(model.named_parameters())
+    out = {}
+    for n, p in params.items():
+        q = named.get(n)
+        if q is None:
+            raise RuntimeError(f"parameter {n!r} is no longer in the model; build the "
+                               "regularizer or pruner again for the changed model")
+        out[n] = q
+    return out

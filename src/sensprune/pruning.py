@@ -11,13 +11,14 @@ per-layer thresholds T_l = s * std(w_l)) whose validation error stays within a b
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from .errors import ConfigError
-from .models import prunable_weights
+from .models import current_params, prunable_weights, select_params
 
 
 def cubic_sparsity(target: float, progress: float) -> float:
@@ -32,12 +33,27 @@ class Pruner:
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter] | None = None,
                  optimizer: torch.optim.Optimizer | None = None):
         self.model = model
-        self.params = params if params is not None else prunable_weights(model)
+        self.params = params if params is not None else select_params(model)
+        if not self.params:
+            raise ConfigError("the model has no prunable weight (no Linear, Conv, recurrent or "
+                              "Embedding weight that requires grad)")
         self.optimizer = optimizer
         self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
         # parameters with at least one pruned entry: apply() skips the others, so the
         # per-step cost is zero until the first threshold
         self.pruned: set[str] = set()
+
+    def refresh(self) -> None:
+        """Follow the model: after ``model.double()``, ``.to()`` or a replaced layer, act on the
+        model's current parameters (same names), never on stale tensors."""
+        current = current_params(self.model, self.params)
+        for n, p in current.items():
+            if p is not self.params[n]:
+                if p.shape != self.masks[n].shape:
+                    raise RuntimeError(f"{n} changed shape ({list(self.masks[n].shape)} -> "
+                                       f"{list(p.shape)}); build a new Pruner")
+                self.masks[n] = self.masks[n].to(p.device)
+        self.params = current
 
     def prune(self, name: str, keep: torch.Tensor) -> None:
         """Remove the entries of parameter ``name`` where ``keep`` is False (masks only grow)."""
@@ -61,8 +77,9 @@ class Pruner:
     @torch.no_grad()
     def threshold(self, t: float, mode: str = "global") -> int:
         """Prune every kept weight with |w| < T (per ``mode``); returns how many were pruned."""
-        if t < 0:
-            raise ConfigError(f"threshold must be >= 0, got {t}")
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ConfigError(f"threshold must be a finite number >= 0, got {t!r}")
+        self.refresh()
         before = self.nonzero()
         for n, tn in self.layer_thresholds(t, mode).items():
             self.prune(n, self.params[n].detach().abs() >= tn)
@@ -79,6 +96,7 @@ class Pruner:
             raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
         if mode not in ("global", "layer"):
             raise ConfigError(f"threshold mode must be 'global' or 'layer', got {mode!r}")
+        self.refresh()
         groups = [list(self.params)] if mode == "global" else [[n] for n in self.params]
         cut = 0.0
         for names in groups:
@@ -98,6 +116,8 @@ class Pruner:
     def apply(self) -> None:
         """Zero pruned weights and the optimizer state at pruned positions (call after each
         optimizer step: momentum or Adam moments would otherwise revive them)."""
+        if self.pruned:
+            self.refresh()
         for n in self.pruned:
             p, m = self.params[n], self.masks[n]
             p.mul_(m)
@@ -122,6 +142,7 @@ class Pruner:
         the result respects the budget even where error is not monotone in T. Returns 0.0
         when no candidate qualifies. Does not change the model or the masks.
         """
+        self.refresh()
         scores = self._scores(mode)
         if scores.numel() == 0:
             return 0.0

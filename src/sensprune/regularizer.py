@@ -1,4 +1,4 @@
-"""The sensitivity-driven update w <- w - lambda * w * max(floor, 1 - S), for any optimizer.
+"""The sensitivity-driven update w <- w - lambda * w * max(decay_floor, 1 - S), for any optimizer.
 
 Use it in any training loop::
 
@@ -22,17 +22,18 @@ it: max(0, 1 - beta * S / norm_l). With ``normalize="mean"`` a weight at least a
 its layer's average is not decayed at all and the least sensitive ones decay at the full rate.
 ``source="loss"`` uses |dL/dw| of the batch (the authors' later loss-based sensitivity,
 LOBSTER) instead of the output derivatives: it costs nothing beyond the ordinary backward.
-``floor`` (default 0.5) keeps a least decay on the weights the paper's form spares entirely:
-max(floor, 1 - S) = floor + (1 - floor) * max(0, 1 - S / (1 - floor)), i.e. L2 at floor * lambda
+``decay_floor`` (default 0.5) keeps a least decay on the weights the paper's form spares entirely:
+max(rho, 1 - S) = rho + (1 - rho) * max(0, 1 - S / (1 - rho)) with rho = decay_floor: L2 at rho * lambda
 plus the paper's rule at the rest. Once the network is sparse, the paper's form leaves up to a
 fifth of the survivors undecayed, they grow and the pruned network generalizes worse than L2's;
 the floor keeps them regularized (LeNet-5, 3 seeds: more compression at lower error than
-floor = 0; ``floor=0`` is the paper's literal rule).
+decay_floor = 0; ``decay_floor=0`` is the paper's literal rule).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterable
 
 import torch
@@ -40,7 +41,7 @@ import torch.nn as nn
 
 from .distributed import active as dist_active
 from .errors import ConfigError
-from .models import select_params  # noqa: F401  (re-exported: part of this module's API)
+from .models import current_params, select_params  # noqa: F401  (select_params: re-exported)
 from .sensitivity import (BATCHNORM_MODES, LayerRecorder, alpha_matrix, check_options, compute,
                           samples_coupled, sensitivity)
 
@@ -49,10 +50,10 @@ SOURCES = ("outputs", "loss")
 
 
 def insensitivity(s: torch.Tensor, normalize: str = "none", beta: float = 1.0,
-                  quantile: float = 0.5, out: bool = False, floor: float = 0.0) -> torch.Tensor:
-    """max(floor, 1 - beta * S / norm) for one parameter's S, with norm = 1 (``"none"``, the
+                  quantile: float = 0.5, out: bool = False, decay_floor: float = 0.0) -> torch.Tensor:
+    """max(decay_floor, 1 - beta * S / norm) for one parameter's S, with norm = 1 (``"none"``, the
     paper's form) or a statistic of this S (``"mean"``, ``"max"``, ``"quantile"``).
-    ``floor`` (0: the paper's max(0, .)) keeps a least decay on the most sensitive weights.
+    ``decay_floor`` (0: the paper's max(0, .)) keeps a least decay on the most sensitive weights.
     ``out=True`` works in place on ``s``."""
     v = s if out else s.clone()
     if normalize == "none":
@@ -69,11 +70,11 @@ def insensitivity(s: torch.Tensor, normalize: str = "none", beta: float = 1.0,
         raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
     if norm <= 0:  # no signal at all in this layer: every weight is insensitive
         return v.zero_().add_(1.0)
-    return v.mul_(-beta / norm).add_(1.0).clamp_(min=floor)
+    return v.mul_(-beta / norm).add_(1.0).clamp_(min=decay_floor)
 
 
 class SensitivityRegularizer:
-    """Applies w <- w - lam_eff * w * max(floor, 1 - S) to the selected parameters.
+    """Applies w <- w - lam_eff * w * max(decay_floor, 1 - S) to the selected parameters.
 
     Args:
         model: the network (left unmodified: no hooks stay, no parameters renamed).
@@ -87,10 +88,10 @@ class SensitivityRegularizer:
             (default: whenever torch.distributed is initialized with more than one rank).
         output_samples: unspecific kind with many classes: estimate S from K outputs drawn
             per step (unbiased; the draw is seeded by ``seed``, identical on every rank).
-        normalize, beta, quantile, floor: how S becomes the decay factor, see
+        normalize, beta, quantile, decay_floor: how S becomes the decay factor, see
             :func:`insensitivity`. Default max(0.5, 1 - S): the paper's rule with a least decay
             of half of lam for the most sensitive weights (measured better on LeNet-5, equal
-            on LeNet-300: README, "Is it more than weight decay?"); ``floor=0`` is the paper's
+            on LeNet-300: docs/REPORT.md); ``decay_floor=0`` is the paper's
             literal max(0, 1 - S).
         source: ``"outputs"`` (the paper's S = sum_k alpha_k |dy_k/dw|) or ``"loss"``
             (S = |dL/dw| of the batch, read from ``p.grad`` after the backward: no extra cost).
@@ -122,11 +123,11 @@ class SensitivityRegularizer:
         source: str = "outputs",
         times_weight: bool = False,
         batchnorm: str = "frozen",
-        floor: float = 0.5,
+        decay_floor: float = 0.5,
     ):
         check_options(kind, reduction, outputs)
-        if not 0 <= floor <= 1:
-            raise ConfigError(f"floor must be in [0, 1], got {floor}")
+        if not 0 <= decay_floor <= 1:
+            raise ConfigError(f"decay_floor must be in [0, 1], got {decay_floor}")
         if normalize not in NORMALIZE:
             raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
         if source not in SOURCES:
@@ -137,8 +138,8 @@ class SensitivityRegularizer:
             raise ConfigError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
         if not 0 < quantile <= 1:
             raise ConfigError(f"quantile must be in (0, 1], got {quantile}")
-        if lam < 0:
-            raise ConfigError(f"lam must be >= 0, got {lam}")
+        if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ConfigError(f"lam must be a finite number >= 0, got {lam!r}")
         if every < 1:
             raise ConfigError(f"every must be >= 1, got {every}")
         if lr_scaled and optimizer is None:
@@ -147,6 +148,9 @@ class SensitivityRegularizer:
         self.lam = float(lam)
         self.kind, self.reduction, self.outputs = kind, reduction, outputs
         self.params = select_params(model, params)
+        if not self.params:
+            raise ConfigError("the model has no parameter to regularize (no Linear, Conv, "
+                              "recurrent or Embedding weight that requires grad); pass params=")
         self.every = every
         self.optimizer = optimizer
         self.lr_scaled = lr_scaled
@@ -154,7 +158,7 @@ class SensitivityRegularizer:
         self.output_samples = output_samples
         self.normalize, self.beta, self.quantile, self.source = normalize, float(beta), quantile, source
         self.times_weight = times_weight
-        self.floor = float(floor)
+        self.decay_floor = float(decay_floor)
         self.batchnorm = batchnorm
         self.generator = torch.Generator().manual_seed(seed)
         self.insensitivity: dict[str, torch.Tensor] = {}
@@ -211,7 +215,7 @@ class SensitivityRegularizer:
         if self.times_weight:  # |w| S: the weight's first-order contribution to the output
             s = {n: v.mul_(self.params[n].detach().abs()) for n, v in s.items()}
         self.insensitivity = {n: insensitivity(v, self.normalize, self.beta, self.quantile, out=True,
-                                               floor=self.floor)
+                                               decay_floor=self.decay_floor)
                               for n, v in s.items()}
 
     # -- the update ----------------------------------------------------------------------------
@@ -229,11 +233,23 @@ class SensitivityRegularizer:
             # |dL/dw| of this batch (already reduced over DDP ranks by the backward)
             self._set({n: p.grad.detach().abs() for n, p in self.params.items()
                        if p.grad is not None})
-        if lam == 0 or not self.insensitivity:
+        if lam == 0:
             return
-        for name, p in self.params.items():
-            if name in self.insensitivity:
-                p.addcmul_(p, self.insensitivity[name], value=-lam)
+        if not self.insensitivity:
+            if self.source == "loss":  # no gradient yet (step before any backward)
+                raise RuntimeError("step() found no gradients: call it after loss.backward() "
+                                   "and optimizer.step()")
+            raise RuntimeError("step() before any sensitivity was computed: wrap the training "
+                               "forward in `with reg.observe(targets):` (or call "
+                               "reg.update(inputs, targets)) first")
+        params = current_params(self.model, self.params)
+        for name, p in params.items():
+            d = self.insensitivity.get(name)
+            if d is not None:
+                if d.shape != p.shape:
+                    raise RuntimeError(f"{name} changed shape since its sensitivity was "
+                                       "computed; build a new SensitivityRegularizer")
+                p.addcmul_(p, d.to(p.dtype), value=-lam)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "insensitivity": self.insensitivity, "lam": self.lam}

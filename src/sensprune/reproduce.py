@@ -28,7 +28,7 @@ from .config import RECIPES_DIR, differing_settings, make_config
 from .data import load_dataset
 from .errors import CheckpointError, ConfigError
 from .models import build_model, prunable_weights, use_channels_last
-from .checkpoint import CHECKPOINT, load_checkpoint, write_text_atomic
+from .checkpoint import CHECKPOINT, load_checkpoint, safe_load, write_text_atomic
 from .methods import method_class
 from .report import CURVE_MULTIPLES, comparison_markdown, plot_pareto
 from .train import evaluate, train
@@ -81,6 +81,10 @@ def reproduce(
     if seed is not None and seeds:
         raise ConfigError("give either --seed or --seeds, not both")
     common, table = load_experiment(experiment)
+    # the recipe's own seeds (its canonical table: every row per seed) unless the call says
+    recipe_seeds = common.pop("seeds", None)
+    if seeds is None and seed is None and recipe_seeds:
+        seeds = [int(s) for s in recipe_seeds]
     chosen = list(table) if not methods else methods
     unknown = [m for m in chosen if m not in table]
     if unknown:
@@ -165,7 +169,7 @@ def prune_further_curve(cfg, model_path: Path, splits,
     smallest-magnitude surviving weights (one global threshold) to each multiple of its
     compression. No retraining: a lower bound on what the method reaches at that sparsity."""
     model = build_model(cfg.model, splits.info.num_classes, splits.info.input_shape)
-    model.load_state_dict(torch.load(model_path, map_location="cpu"))
+    model.load_state_dict(safe_load(model_path, what="model"))
     use_channels_last(model, splits.info.input_shape)  # as in training
     weights = prunable_weights(model)
     total = sum(w.numel() for w in weights.values())

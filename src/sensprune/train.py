@@ -27,9 +27,10 @@ from .errors import ConfigError, SensPruneError, TrainingDiverged
 from .models import build_model, use_channels_last
 from .pruning import Pruner, ThresholdPolicy, sparsity_report
 from .methods import MethodContext, make_method, method_class
-from .checkpoint import CHECKPOINT, restore_run, save_atomic, save_run, write_text_atomic
+from .checkpoint import (CHECKPOINT, restore_run, save_atomic, save_run, state_digest,
+                         write_text_atomic)
 from .report import summary_markdown
-from .rundir import claim
+from .rundir import claim, record as record_files
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -47,6 +48,8 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer):
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     if cfg.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.schedule == "linear":  # Sparse VD's protocol: the rate falls linearly to 0
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: max(0.0, 1.0 - e / cfg.epochs))
     return None
 
 
@@ -128,21 +131,21 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
     torch.set_flush_denormal(True)
     info = ddp.setup()
     with contextlib.ExitStack() as stack:
-        error = None
+        error = run_claim = None
         try:
-            stack.enter_context(claim(cfg.out, resume=resume, overwrite=overwrite,
-                                      main=info.is_main))
+            run_claim = stack.enter_context(claim(cfg.out, resume=resume, overwrite=overwrite,
+                                                  main=info.is_main))
         except SensPruneError as exc:
             error = exc
         if not ddp.all_ok(error is None):  # every rank starts, or none does
             raise error or ConfigError(f"another rank could not claim --out {cfg.out}; its "
                                        "message says why")
         return _train(cfg, info, resume, splits, stop_after_epoch,
-                      log if info.is_main else (lambda *_: None))  # only rank 0 reports
+                      log if info.is_main else (lambda *_: None), run_claim)  # rank 0 reports
 
 
 def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits | None,
-           stop_after_epoch: int | None, log) -> dict:
+           stop_after_epoch: int | None, log, run_claim) -> dict:
     out = Path(cfg.out)
     splits = splits or load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
 
@@ -177,7 +180,11 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
         _truncate_metrics(out / "metrics.jsonl", state["epoch"])
         log(f"resumed from {ckpt_path} at epoch {state['epoch']}")
     else:  # a fresh start (also --resume with no checkpoint yet): no history to keep
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        # everything is checked by now (settings, data, model, device): the old run, if this
+        # one replaces it, moves aside, and goes for good after the first checkpoint
+        run_claim.replace_previous()
+        if info.is_main:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
 
     policy = ThresholdPolicy(pruner, cfg.threshold, cfg.threshold_mode, cfg.val_budget,
                              cfg.threshold_ref, cfg.prune_patience, cfg.prune_every,
@@ -273,6 +280,8 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
                 f"{sp['remaining_percent']:6.2f}% ({sp['compression_ratio']:.1f}x)"
                 + (f" T={threshold:.3g}" if threshold is not None else ""))
             save_run(ckpt_path, cfg, model, opt, sched, method, pruner, state)
+            record_files(out, CHECKPOINT, "metrics.jsonl")
+            run_claim.commit()
         ddp.barrier()  # the checkpoint exists for every rank before anyone goes on
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             return {"stopped_at_epoch": epoch + 1}
@@ -342,8 +351,10 @@ def finish(cfg: TrainConfig, model: nn.Module, splits: Splits, state: dict, out:
         "thresholds": state["thresholds"], "reference_val_error": state["reference_val_error"],
         "config": cfg.to_dict(),
         "versions": {"sensprune": __version__, "torch": torch.__version__},
+        "model_sha256": state_digest(model.state_dict()),  # checked when model.pt is read
     }
     save_atomic(model.state_dict(), out / "model.pt")
     write_text_atomic(json.dumps(summary, indent=2, allow_nan=False) + "\n", out / "summary.json")
     write_text_atomic(summary_markdown(summary), out / "summary.md")
+    record_files(out, "model.pt", "summary.json", "summary.md")
     return summary

@@ -36,19 +36,38 @@ def _cifar_dir(root: Path) -> Path:
                     "cifar-10-batches-py/ (data_batch_1..5, test_batch)")
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """The CIFAR-10 python batches are pickles: a dict of bytes, lists and one uint8 array.
+    Only the globals that rebuild a numpy array are admitted; any other (the way a pickle runs
+    code) is refused, so a planted data_batch file cannot execute anything."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _CifarUnpickler(f, encoding="bytes").load()
         data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; the CIFAR-10 folder is incomplete") from None
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path}: not a CIFAR-10 python batch, refused ({exc}); "
+                        "re-download cifar-10-python.tar.gz") from None
     except Exception as exc:
         raise DataError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}); "
                         "re-download cifar-10-python.tar.gz") from None
     if len(data) != len(labels):
         raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels outside 0-9; not a CIFAR-10 batch")
     return data, labels
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -82,29 +83,75 @@ def _check_output(path: str | Path) -> Path:
     return path
 
 
+MAX_EXPORT_BYTES = 8 << 30  # no sensprune export is near this (VGG-16 dense fp32: 0.55 GB)
+MAX_TENSOR_NUMEL = 1 << 31
+# a tensor with no architecture to check it against: its declared size is bounded by the
+# file's (a 1000x sparse tensor stores about 1 byte per 100 entries)
+NUMEL_PER_FILE_BYTE = 1024
+
+
+def _expected_shapes(arch: Any) -> dict[str, tuple[int, ...]] | None:
+    """The state_dict shapes of a bundled architecture (built on the meta device: nothing is
+    allocated), or None for a model sensprune does not know (the user's own)."""
+    from ..models import MODELS, build_model
+
+    if not isinstance(arch, dict) or arch.get("model") not in MODELS:
+        return None
+    nc, shape = arch.get("num_classes"), arch.get("input_shape")
+    if (not isinstance(nc, int) or isinstance(nc, bool) or not 1 <= nc <= 1_000_000
+            or not isinstance(shape, list) or not 1 <= len(shape) <= 4
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 65536
+                       for d in shape)):
+        raise CheckpointError("the export's architecture (num_classes, input_shape) is out of "
+                              "range; export it again")
+    try:
+        with torch.device("meta"):
+            model = build_model(arch["model"], nc, tuple(shape))
+    except Exception as exc:
+        raise CheckpointError(f"the export's architecture cannot be built ({type(exc).__name__})"
+                              "; export it again") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(header, dense state_dict) of an exported file; verifies the checksum."""
+    """(header, dense state_dict) of an exported file. The file is untrusted: its size, the
+    header's architecture, every declared shape and array length are checked before anything
+    is allocated; every index against its bound and every value and scale for finiteness
+    while decoding; the SHA-256 over header and payload before the state is returned."""
     from safetensors import safe_open
 
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: file not found")
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a directory; give the export file")
+    size = p.stat().st_size
+    if size > MAX_EXPORT_BYTES:
+        raise CheckpointError(f"{p}: {size} bytes, larger than any sensprune export; not read")
+    with open(p, "rb") as fh:
+        magic = fh.read(2)
+    if magic == b"PK":  # a torch.save zip archive
+        raise CheckpointError(f"{p} is a PyTorch checkpoint, not an export; write one with "
+                              "`sensprune export RUN -o FILE.safetensors`")
     try:
         with safe_open(str(p), framework="numpy") as f:
             meta = f.metadata() or {}
+            header = json.loads(meta["sensprune"])
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                found = header.get("format") if isinstance(header, dict) else None
+                raise CheckpointError(f"{p}: unsupported format {found!r}")
+            declared = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                        for k in f.keys()}
+            _check_layout(header, declared, size)
             arrays = {k: f.get_tensor(k) for k in f.keys()}
-        header = json.loads(meta["sensprune"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"{p}: {exc}" if not str(exc).startswith(str(p)) else str(exc)) \
+            from None
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{p}: not a sensprune export (no sensprune metadata)") from None
     except Exception as exc:  # safetensors raises its own error types for torn files
-        if p.read_bytes()[:2] == b"PK":  # a torch.save zip archive
-            raise CheckpointError(f"{p} is a PyTorch checkpoint, not an export; write one with "
-                                  "`sensprune export RUN -o FILE.safetensors`") from None
         raise CheckpointError(f"{p}: truncated or corrupt file ({type(exc).__name__}: "
                               f"{str(exc)[:80]}); export it again") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        found = header.get("format") if isinstance(header, dict) else None
-        raise CheckpointError(f"{p}: unsupported format {found!r}")
     if "sha256_all" in header:  # header and payload
         ok = _digest(arrays, header) == header["sha256_all"]
     elif "sha256" in header:  # files written before the header was covered: payload only
@@ -116,9 +163,77 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                               "export it again")
     try:
         state = {n: _decode_tensor(n, m, arrays) for n, m in header["layers"].items()}
-    except CheckpointError:
-        raise
+    except CheckpointError as exc:
+        raise CheckpointError(f"{p}: {exc}") from None
     except Exception as exc:  # a checksum can be recomputed by hand: still no raw errors
         raise CheckpointError(f"{p}: malformed header ({type(exc).__name__}: {str(exc)[:80]}); "
                               "export it again") from None
     return header, state
+
+
+def _check_layout(header: dict, declared: dict[str, tuple[tuple[int, ...], str]],
+                  file_bytes: int) -> None:
+    """Every layer's declared shape (against the architecture, or bounded by the file size)
+    and its arrays (present, of the layout's dtypes and lengths), before anything is read."""
+    layers = header.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError("malformed header (no layers); export it again")
+    expected = _expected_shapes(header.get("arch"))
+    total = 0
+    for name, meta in layers.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("shape"), list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in meta["shape"]):
+            raise CheckpointError(f"malformed header entry for {name!r}; export it again")
+        shape = tuple(meta["shape"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel > MAX_TENSOR_NUMEL:
+            raise CheckpointError(f"{name} declares {numel} entries, more than any model holds")
+        if expected is not None:
+            if name not in expected:
+                raise CheckpointError(f"{name} is not a tensor of a {header['arch']['model']}")
+            if expected[name] != shape:
+                raise CheckpointError(f"{name} declares shape {list(shape)}, a "
+                                      f"{header['arch']['model']} has {list(expected[name])}")
+        total += numel
+        check_arrays(name, meta, shape, numel, declared)
+    if expected is None and total > NUMEL_PER_FILE_BYTE * file_bytes + (1 << 20):
+        raise CheckpointError(f"the header declares {total} entries, far more than a "
+                              f"{file_bytes}-byte file can hold; refused")
+
+
+def check_arrays(name: str, meta: dict, shape: tuple[int, ...], numel: int,
+                 declared: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """The arrays a layout needs exist, are 1-D, of an allowed dtype and of consistent lengths."""
+    enc = meta.get("encoding")
+    need = {"dense": ("values",), "bitmask": ("mask", "values"), "csr": ("indptr", "indices",
+            "values"), "delta8": ("gaps", "values"), "csr-delta8": ("indptr", "gaps", "values")}
+    if enc not in need:
+        raise CheckpointError(f"unknown encoding {enc!r} for {name}")
+    length = {}
+    for part in need[enc]:
+        key = f"{name}/{part}"
+        if key not in declared:
+            raise CheckpointError(f"{key} is missing")
+        ashape, dtype = declared[key]
+        ok_dtypes = (("F32", "F16", "I8") if part == "values" else
+                     ("U8",) if part in ("mask", "gaps") else ("U8", "U16", "U32", "U64"))
+        if len(ashape) != 1 or dtype not in ok_dtypes:
+            raise CheckpointError(f"{key}: a {dtype} array of shape {list(ashape)}, not what "
+                                  f"the {enc} layout stores")
+        length[part] = ashape[0]
+    if "scale" in meta and not (isinstance(meta["scale"], (int, float))
+                                and not isinstance(meta["scale"], bool)
+                                and math.isfinite(meta["scale"]) and meta["scale"] >= 0):
+        raise CheckpointError(f"{name}: scale {meta['scale']!r} is not a finite number")
+    rows = shape[0] if len(shape) >= 2 else 1
+    bad = (
+        enc == "dense" and length["values"] != numel
+        or enc == "bitmask" and (length["mask"] != (numel + 7) // 8 or length["values"] > numel)
+        or enc == "csr" and (length["indptr"] != rows + 1 or length["indices"] != length["values"]
+                             or length["values"] > numel)
+        or enc in ("delta8", "csr-delta8") and length["gaps"] != length["values"]
+        or enc == "csr-delta8" and length["indptr"] != rows + 1)
+    if bad:
+        raise CheckpointError(f"{name}: the {enc} arrays' lengths do not fit shape {list(shape)}")

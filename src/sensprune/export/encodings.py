@@ -123,33 +123,65 @@ def _encode_tensor(name: str, t: torch.Tensor, fmt: str) -> tuple[dict, dict[str
 
 
 def _decode_tensor(name: str, meta: dict, arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    """The dense tensor of one stored layout. The container has checked the arrays' lengths
+    (``container.check_arrays``); here every index is checked against its bound and every
+    value for finiteness, so a crafted file cannot move a weight or plant a NaN."""
     shape = tuple(meta["shape"])
     numel = int(np.prod(shape)) if shape else 1
     vals = arrays[f"{name}/values"].astype(np.float32)
     if "scale" in meta:
         vals = vals * np.float32(meta["scale"])
+    if not np.isfinite(vals).all():
+        raise CheckpointError(f"{name} holds non-finite values")
     enc = meta["encoding"]
     if enc == "dense":
         return torch.from_numpy(vals.reshape(shape).copy())
     rows = shape[0] if len(shape) >= 2 else 1
     cols = numel // max(rows, 1)
     out = np.zeros(numel, np.float32)
+
+    def row_pointers() -> np.ndarray:
+        indptr = arrays[f"{name}/indptr"].astype(np.int64)
+        if indptr[0] != 0 or (np.diff(indptr) < 0).any():
+            raise CheckpointError(f"{name}: row pointers that do not start at 0 or decrease")
+        return indptr
+
     if enc == "bitmask":
         mask = np.unpackbits(arrays[f"{name}/mask"], count=numel).astype(bool)
+        if int(mask.sum()) != len(vals):
+            raise CheckpointError(f"{name}: the mask marks {int(mask.sum())} entries for "
+                                  f"{len(vals)} values")
         out[mask] = vals
     elif enc == "csr":
-        indptr = arrays[f"{name}/indptr"].astype(np.int64)
+        indptr = row_pointers()
+        idx = arrays[f"{name}/indices"].astype(np.int64)
+        if indptr[-1] != len(idx) or (idx >= cols).any():
+            raise CheckpointError(f"{name}: column indices out of range or row pointers that "
+                                  "do not cover them")
         r = np.repeat(np.arange(rows), np.diff(indptr))
-        out[r * cols + arrays[f"{name}/indices"].astype(np.int64)] = vals
+        flat = r * cols + idx
+        if len(np.unique(flat)) != len(flat):
+            raise CheckpointError(f"{name}: the same entry is stored twice")
+        out[flat] = vals
     elif enc == "delta8":
-        pos = np.cumsum(arrays[f"{name}/gaps"].astype(np.int64)) - 1
+        gaps = arrays[f"{name}/gaps"].astype(np.int64)
+        pos = np.cumsum(gaps) - 1
+        if len(pos) and (gaps[1:] == 0).any() or len(pos) and (pos[-1] >= numel or pos[0] < 0):
+            raise CheckpointError(f"{name}: positions out of range")
         keep = vals != 0
         out[pos[keep]] = vals[keep]
     elif enc == "csr-delta8":
-        indptr = arrays[f"{name}/indptr"].astype(np.int64)
-        csum = np.concatenate([[0], np.cumsum(arrays[f"{name}/gaps"].astype(np.int64))])
+        indptr = row_pointers()
+        gaps = arrays[f"{name}/gaps"].astype(np.int64)
+        if indptr[-1] != len(gaps):
+            raise CheckpointError(f"{name}: row pointers that do not cover the gaps")
+        csum = np.concatenate([[0], np.cumsum(gaps)])
         r = np.repeat(np.arange(rows), np.diff(indptr))
         c = csum[1:] - csum[indptr[:-1]][r] - 1  # column = gaps summed within the row, - 1
+        starts = np.zeros(len(gaps), bool)
+        starts[indptr[:-1][indptr[:-1] < len(gaps)]] = True
+        if len(c) and ((c < 0).any() or (c >= cols).any() or (gaps[~starts] == 0).any()):
+            raise CheckpointError(f"{name}: column positions out of range")
         keep = vals != 0
         out[r[keep] * cols + c[keep]] = vals[keep]
     else:

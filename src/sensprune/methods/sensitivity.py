@@ -22,7 +22,7 @@ class Sensitivity(SensitivityRegularizer, Method):
             lr_scaled=cfg.lam_lr_scaled, output_samples=cfg.output_samples or None,
             seed=cfg.seed, normalize=cfg.normalize, beta=cfg.beta, quantile=cfg.quantile,
             source=cfg.sens_source, times_weight=cfg.times_weight, batchnorm=cfg.batchnorm,
-            floor=cfg.decay_floor)
+            decay_floor=cfg.decay_floor)
 
     @torch.no_grad()
     def epoch_stats(self) -> dict:
@@ -38,5 +38,5 @@ class Sensitivity(SensitivityRegularizer, Method):
             mean = kept.mean()
             out[name] = {"mean_decay": float(mean),
                          "cv_decay": float(kept.std(unbiased=False) / mean) if mean > 0 else 0.0,
-                         "undecayed": float((kept <= self.floor).float().mean())}
+                         "undecayed": float((kept <= self.decay_floor).float().mean())}
         return {"decay": out} if out else {}

@@ -1,9 +1,10 @@
 """Sparse Variational Dropout (Molchanov, Ashukha, Vetrov, ICML 2017).
 
 Each Linear/Conv2d weight gets a variance parameter log sigma^2; training maximizes the ELBO
-(cross-entropy + KL / N with the paper's KL approximation, its weight annealed from 0 to 1),
-with the local reparameterization trick. Weights with log alpha = log sigma^2 - log w^2 > 3
-are pruned. The layers are converted in place (same ``weight``/``bias`` names, one extra
+(cross-entropy + KL / N with the paper's KL approximation, its weight 0 for
+``vd_kl_delay_epochs`` then annealed linearly to 1 over ``vd_kl_warmup_epochs``), with the local
+reparameterization trick; log sigma^2 starts at -10 and log alpha is clipped to [-8, 8], as in
+the authors' code. Weights with log alpha = log sigma^2 - log w^2 >= 3 are pruned. The layers are converted in place (same ``weight``/``bias`` names, one extra
 ``log_sigma2`` parameter each) and turned back into plain layers by ``end_phase`` so the
 rest of the run and the exported model are ordinary PyTorch modules.
 """
@@ -18,10 +19,11 @@ from .base import Method, MethodContext
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_THRESHOLD = 3.0
+LOG_ALPHA_CLIP = 8.0
 
 
 def _log_alpha(mod) -> torch.Tensor:
-    return (mod.log_sigma2 - torch.log(mod.weight ** 2 + 1e-8)).clamp(-10.0, 10.0)
+    return (mod.log_sigma2 - torch.log(mod.weight ** 2 + 1e-8)).clamp(-LOG_ALPHA_CLIP, LOG_ALPHA_CLIP)
 
 
 class LinearSVDO(nn.Linear):
@@ -59,9 +61,10 @@ class SparseVD(Method):
     name = "sparse_vd"
 
     def __init__(self, model: nn.Module, n_train: int, kl_warmup_steps: int = 0, pruner=None,
-                 init_log_sigma2: float = -10.0):
+                 init_log_sigma2: float = -10.0, kl_delay_steps: int = 0):
         self.model, self.n_train, self.pruner = model, int(n_train), pruner
         self.kl_warmup = max(0, int(kl_warmup_steps))
+        self.kl_delay = max(0, int(kl_delay_steps))
         self.t = 0
         self.layers = []
         for mod in model.modules():
@@ -74,7 +77,8 @@ class SparseVD(Method):
     @classmethod
     def from_config(cls, cfg, ctx: MethodContext) -> "SparseVD":
         return cls(ctx.model, ctx.n_train, pruner=ctx.pruner,
-                   kl_warmup_steps=cfg.vd_kl_warmup_epochs * ctx.steps_per_epoch)
+                   kl_warmup_steps=cfg.vd_kl_warmup_epochs * ctx.steps_per_epoch,
+                   kl_delay_steps=cfg.vd_kl_delay_epochs * ctx.steps_per_epoch)
 
     def extra_params(self) -> list[nn.Parameter]:
         """The log sigma^2 parameters: the loop adds them to its optimizer (no weight decay)."""
@@ -91,8 +95,14 @@ class SparseVD(Method):
     def penalty(self):
         if not self.active:
             return 0.0
-        beta = 1.0 if self.kl_warmup == 0 else min(1.0, self.t / self.kl_warmup)
-        return beta * self.kl() / self.n_train
+        return self.kl_weight() * self.kl() / self.n_train
+
+    def kl_weight(self) -> float:
+        """0 for the delay's steps, then linearly to 1 over the warm-up's steps."""
+        t = self.t - self.kl_delay
+        if t < 0:
+            return 0.0
+        return 1.0 if self.kl_warmup == 0 else min(1.0, t / self.kl_warmup)
 
     def step(self) -> None:
         self.t += 1
