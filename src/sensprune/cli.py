@@ -67,8 +67,14 @@ def add_setting_options(parser: argparse.ArgumentParser, *names: str,
         if names and f.name not in names or not meta.get("cli", True):
             continue
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        kw: dict = {"dest": dest or f.name, "default": None, "help": meta.get("help")}
+        text = meta.get("help") or f.name.replace("_", " ")
         kinds = {k.strip() for k in str(f.type).split("|")}
+        if kinds == {"bool"}:  # the flag turns a default on off, or a default off on
+            text = (f"turn off: {text}" if f.default else text) + \
+                f" (default: {'on' if f.default else 'off'})"
+        elif f.default is not dataclasses.MISSING and f.default is not None:
+            text += f" (default: {f.default})"
+        kw: dict = {"dest": dest or f.name, "default": None, "help": text}
         if kinds == {"bool"}:
             kw["action"] = "store_false" if f.default else "store_true"
         elif (choices := _setting_choices(f.name)) is not None:
@@ -146,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--methods", help="comma-separated method labels (default: all in the recipe)")
     rp.add_argument("--lam-sweep", help="comma-separated extra lambda values for the recipe's "
                     "'sensitivity' row (one more run each)")
+    rp.add_argument("--assemble", action="store_true",
+                    help="train nothing: write the table from the finished runs in --out "
+                    "(rows without one are listed as not run)")
     rp.add_argument("--quick", action="store_true",
                     help="the whole pipeline on a small subset in about a minute")
     rp.add_argument("--out", help="output directory (default: runs/reproduce-EXPERIMENT)")
@@ -282,7 +291,8 @@ def cmd_reproduce(args) -> int:
     result = reproduce(args.experiment, out, methods=methods, quick=args.quick,
                        lam_sweep=_number_list(args.lam_sweep, "--lam-sweep"),
                        data_dir=args.data_dir, seed=args.seed,
-                       seeds=_number_list(args.seeds, "--seeds", int))
+                       seeds=_number_list(args.seeds, "--seeds", int),
+                       assemble=args.assemble)
     print((Path(out) / "table.md").read_text())
     print(f"wrote {out}/table.md, table.json, pareto.png ({result['wall_seconds']:.0f} s)")
     return 0

@@ -74,7 +74,8 @@ class TrainConfig:
                             "the last epoch)")
     step_size: int = setting(10, "schedule step: epochs per step", min=1)
     gamma: float = setting(0.1, "schedule step: lr factor per step", above=0)
-    seed: int = setting(0)
+    seed: int = setting(0, "random seed (initialization, batch order, dropout)", min=0,
+                        max=2**31 - 1)
     # the method
     method: str = setting("sensitivity", "sensitivity (default), a baseline, or none (dense)")
     kind: str = setting("specific", "specific (the target's output) or unspecific (all "
@@ -138,11 +139,12 @@ class TrainConfig:
                                       "annealing starts", min=0)
     # where
     out: str = setting("runs/latest", "run directory (summary.json, checkpoint.pt, ...)")
-    progress: bool = setting(True, "progress bar", flag="--no-progress")
+    progress: bool = setting(True, "the progress bar (drawn only when stdout and stderr are "
+                             "terminals)", flag="--no-progress")
     threads: int = setting(0, "torch CPU threads (0: torch's default)", min=0)
     workers: int = setting(0, "DataLoader worker processes (ImageFolder datasets)", min=0)
     device: str = setting("auto", "auto (CUDA when available), cpu or cuda")
-    amp: bool = setting(True, "CUDA: bfloat16 autocast", flag="--no-amp")
+    amp: bool = setting(True, "bfloat16 autocast on CUDA", flag="--no-amp")
     extra: dict[str, Any] = setting(help="free-form values for library use", cli=False,
                                     default_factory=dict)
 
@@ -199,6 +201,8 @@ class TrainConfig:
                 raise ConfigError(f"{f.name} must be {' or '.join(declared)}, got {v!r}")
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{f.name} must be a finite number, got {v!r}")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2**31 - 1:
+                raise ConfigError(f"{f.name} = {v} is out of range (at most {2**31 - 1})")
 
     @property
     def sparsify_epochs(self) -> int:

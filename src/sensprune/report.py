@@ -92,8 +92,17 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
         raise CheckpointError(f"{d}/summary.json is not valid JSON ({exc})") from None
     metrics = []
     mpath = d / "metrics.jsonl"
+    if not isinstance(summary, dict):
+        raise CheckpointError(f"{d}/summary.json is not a run summary; train the run again")
     if mpath.exists():
-        metrics = [json.loads(line) for line in mpath.read_text().splitlines() if line.strip()]
+        for line in mpath.read_text(errors="replace").splitlines():
+            try:
+                m = json.loads(line)
+            except ValueError:
+                continue  # a torn last line (a killed write): the complete epochs still count
+            if isinstance(m, dict) and all(k in m for k in ("epoch", "val_error", "test_error",
+                                                            "remaining_percent")):
+                metrics.append(m)
     return summary, metrics
 
 
@@ -122,8 +131,10 @@ def plot_run(metrics: list[dict], path: str | Path) -> Path | None:
     ax2.plot(ep, [m["remaining_percent"] for m in metrics], "k--", label="remaining %")
     ax2.set_yscale("log")
     ax2.set_ylabel("remaining weights % (log)")
-    ax1.legend(loc="upper left", fontsize=7)
-    ax2.legend(loc="upper right", fontsize=7)
+    h1, l1 = ax1.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax1.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3,
+               fontsize=7, frameon=False)  # below the axes: never over the curves
     if decay:
         ax = axes[1][0]
         for i, layer in enumerate(decay[-1]["decay"]):
@@ -137,128 +148,149 @@ def plot_run(metrics: list[dict], path: str | Path) -> Path | None:
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("epoch")
         ax.set_ylabel("kept weights (weight decay: d = 1)")
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.15),
+                  frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
 
+def _pm(stat: dict, fmt: str = ".2f", suffix: str = "") -> str:
+    """mean ± std (one seed: the value alone)."""
+    if stat["std"] == 0 and stat["min"] == stat["max"]:
+        return f"{stat['mean']:{fmt}}{suffix}"
+    return f"{stat['mean']:{fmt}}{suffix} ± {stat['std']:{fmt}}"
+
+
+def result_groups(result: dict) -> list[dict]:
+    """The table's rows (one per recipe row, over its seeds); older table.json files without
+    them get them computed from their runs."""
+    if result.get("groups") is not None:
+        return result["groups"]
+    from .reproduce import group_rows
+    rows = [{**r, "group": r.get("group") or re.sub(r"-s\d+$", "", r["label"].split(" lam=")[0])}
+            for r in result["rows"]]
+    return group_rows(rows, [r["group"] for r in rows], {}, {})
+
+
 def comparison_markdown(result: dict) -> str:
-    """`sensprune reproduce`'s table.md: per row the remaining % per layer, compression,
-    errors and time; the mean over seeds; the further-pruning curves; published points."""
-    rows = result["rows"]
+    """`sensprune reproduce`'s table.md: one line per method row with the mean ± standard
+    deviation over its seeds (compression, test and validation error, remaining % per layer),
+    rows not run and why, the published points, then every run and the further-pruning
+    curves."""
+    rows, groups = result["rows"], result_groups(result)
     layers = list(rows[0]["remaining_per_layer"]) if rows else []
-    head = ["method"] + [f"{n} %" for n in layers] + [
-        "compression", "test err %", "val err %", "epochs", "train s"]
+    env = result.get("environment", {})
     lines = [f"## {result['experiment']}" + (" (quick mode: subset, numbers not meaningful)"
                                               if result["quick"] else ""), "",
-             f"Command: `{result.get('command')}`; seed {result.get('seed')}; "
-             f"wall time {result['wall_seconds'] / 60:.1f} min; torch "
-             f"{result['environment']['torch']}, {result['environment']['threads']} thread(s)."
-             + _reuse_note(rows) if "command" in result else "", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["label"]] + [f"{r['remaining_per_layer'][n]:.2f}" for n in layers] + [
-            f"{r['compression_ratio']:.1f}x", f"{r['test_error']:.2f}", f"{r['val_error']:.2f}",
-            str(r["epochs"]), f"{r['train_seconds']:.0f}"]
+             f"Command: `{result.get('command')}`; torch {env.get('torch')}; written "
+             f"{result.get('finished', '?')}." + _reuse_note(rows), "",
+             "Mean ± sample standard deviation over the seeds listed; compression = weights / "
+             "nonzero weights; remaining % per layer is the mean over the seeds.", ""]
+    head = ["method", "λ", "seeds", "compression", "test err %", "val err %"] + \
+        [f"{n} %" for n in layers] + ["epochs"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        name = g["label"] + (f" ({g['note']})" if g.get("note") else "")
+        if g.get("seeds_not_run"):
+            name += f" (seeds {','.join(map(str, g['seeds_not_run']))} not run: {g.get('why')})"
+        if g["status"] != "run":
+            lines.append(f"| {name} | | | not run: {g.get('why') or 'no finished run'} |"
+                         + " |" * (len(head) - 4))
+            continue
+        cells = [name, f"{g['lam']:g}" if g.get("lam") is not None else "",
+                 ",".join(str(sd) for sd in g["seeds"]),
+                 _pm(g["compression_ratio"], ".1f", "x"), _pm(g["test_error"]),
+                 _pm(g["val_error"])] + \
+            [f"{g['remaining_per_layer'].get(n, float('nan')):.2f}" for n in layers] + [str(g["epochs"])]
         lines.append("| " + " | ".join(cells) + " |")
-    groups = seed_groups(rows)
-    if any(len(g) > 1 for g in groups.values()):
-        lines += ["", "Mean over seeds (rows named `<label>-s<seed>` join `<label>`; compression "
-                  "as the mean and the range, test error as the mean and the sample std):", "",
-                  "| method | seeds | compression | range | test err % | std |",
-                  "|---|---|---|---|---|---|"]
-        for label, g in groups.items():
-            lines.append(f"| {label} | {','.join(str(r.get('seed', '?')) for r in g)} | "
-                         f"{g_mean(g, 'compression_ratio'):.1f}x | "
-                         f"{min(r['compression_ratio'] for r in g):.1f}–"
-                         f"{max(r['compression_ratio'] for r in g):.1f}x | "
-                         f"{g_mean(g, 'test_error'):.2f} | {g_std(g, 'test_error'):.2f} |")
+    if result["published"]:
+        lines += ["", "Published reference points (their own papers and protocols, not rerun "
+                  "here): " + "; ".join(f"{p['label']} {p['compression_ratio']}x at "
+                                       f"{p['test_error']}%" for p in result["published"]) + "."]
+    lines += ["", "### Every run", "", "| run | seed | compression | test err % | val err % | "
+              "train s | how |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r.get('seed', '')} | {r['compression_ratio']:.1f}x | "
+                     f"{r['test_error']:.2f} | {r['val_error']:.2f} | {r['train_seconds']:.0f} | "
+                     f"{r.get('run', '')} |")
     if any(r.get("curve") for r in rows):
         lines += ["", "Each final model pruned further by one global magnitude threshold, "
-                  "without retraining (compression, test error %):", "",
-                  "| method | " + " | ".join(f"x{m:g}" for m in CURVE_MULTIPLES) + " |",
+                  "without retraining (compression: test error %):", "",
+                  "| run | " + " | ".join(f"x{m:g}" for m in CURVE_MULTIPLES) + " |",
                   "|---|" + "---|" * len(CURVE_MULTIPLES)]
         for r in rows:
             pts = [f"{p['compression_ratio']:.3g}x: {p['test_error']:.2f}" for p in r.get("curve", [])]
             pts += ["–"] * (len(CURVE_MULTIPLES) - len(pts))
             lines.append(f"| {r['label']} | " + " | ".join(pts) + " |")
-    if result["published"]:
-        lines += ["", "Published reference points (their own papers, not rerun here):", ""]
-        lines += [f"- {p['label']}: {p['compression_ratio']}x at {p['test_error']}%"
-                  for p in result["published"]]
     lines.append("")
     return "\n".join(lines)
-
-
-def seed_groups(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows grouped by label, with a trailing ``-s<seed>`` removed (in table order)."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(re.sub(r"-s\d+$", "", r["label"]), []).append(r)
-    return groups
-
-
-def g_mean(rows: list[dict], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
-
-
-def g_std(rows: list[dict], key: str) -> float:
-    if len(rows) < 2:
-        return 0.0
-    m = g_mean(rows, key)
-    return (sum((r[key] - m) ** 2 for r in rows) / (len(rows) - 1)) ** 0.5
 
 
 def _reuse_note(rows: list[dict]) -> str:
     reused = [r["label"] for r in rows if r.get("run") == "reused"]
     if not reused:
         return ""
-    return (f" Rows trained by earlier calls with the same settings and reused here: "
-            f"{', '.join(reused)} (their train s is their own training time).")
+    return (f" {len(reused)} of {len(rows)} runs were trained by earlier calls with the same "
+            "settings and reused (their train s is their own training time).")
+
+
+def _family(label: str) -> str:
+    """A row's series in the Pareto plot: its label without the compression target
+    (``l2-100x`` and ``l2-150x`` are one line)."""
+    return re.sub(r"-\d+x(?=$|-)", "", label)
 
 
 def plot_pareto(result: dict, path: Path) -> Path | None:
-    """Test error against compression (log axis): one point per run, a dotted line from it
-    for its further-pruned curve (no retraining), published points as black stars."""
+    """Test error against compression (log axis): per row its mean over seeds with the
+    standard deviation as error bars (both axes), one line per method across its compression
+    targets, a dotted further-pruned curve (no retraining) from each seed-0 point, and the
+    published points as labelled black stars."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    # one series per row label; a lambda sweep ("sensitivity lam=3e-4") joins its base row
+    groups = [g for g in result_groups(result) if g["status"] == "run"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     series: dict[str, list[dict]] = {}
-    for r in result["rows"]:
-        series.setdefault(r["label"].split(" lam=")[0], []).append(r)
-    markers = "os^Dv<>pXh*"
-    for i, (label, rs) in enumerate(series.items()):
-        rs = sorted(rs, key=lambda r: r["compression_ratio"])
-        line, = ax.plot([r["compression_ratio"] for r in rs], [r["test_error"] for r in rs],
-                        marker=markers[i % len(markers)], linestyle="-" if len(rs) > 1 else "none",
-                        label=label)
-        for r in rs:  # pruned further without retraining: dotted, same colour
-            pts = [r] + r.get("curve", [])
+    for g in groups:
+        series.setdefault(_family(g["label"]), []).append(g)
+    markers = "os^Dv<>pXh*P"
+    colors = {}
+    for i, (fam, gs) in enumerate(series.items()):
+        gs = sorted(gs, key=lambda g: g["compression_ratio"]["mean"])
+        x = [g["compression_ratio"]["mean"] for g in gs]
+        y = [g["test_error"]["mean"] for g in gs]
+        bars = ax.errorbar(x, y, yerr=[g["test_error"]["std"] for g in gs],
+                           xerr=[g["compression_ratio"]["std"] for g in gs],
+                           marker=markers[i % len(markers)], linestyle="-" if len(gs) > 1 else "none",
+                           capsize=2, label=fam, color=f"C{i % 10}")
+        colors[fam] = bars[0].get_color()
+    for r in result["rows"]:  # pruned further without retraining: dotted, the row's colour
+        fam = _family(r.get("group") or re.sub(r"-s\d+$", "", r["label"]))
+        if r.get("curve") and fam in colors and not re.search(r"-s\d+$", r["label"]):
+            pts = [r] + r["curve"]
             ax.plot([p["compression_ratio"] for p in pts], [p["test_error"] for p in pts],
-                    linestyle=":", linewidth=1, color=line.get_color())
-    for p in result["published"]:
-        ax.scatter([p["compression_ratio"]], [p["test_error"]], marker="*", s=90, c="k")
+                    linestyle=":", linewidth=1, color=colors[fam])
+    for k, p in enumerate(result["published"]):
+        ax.scatter([p["compression_ratio"]], [p["test_error"]], marker="*", s=90, c="k", zorder=5)
         ax.annotate(p["label"], (p["compression_ratio"], p["test_error"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+                    xytext=(6, 8 if k % 2 == 0 else -12), textcoords="offset points",
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
     # the further-pruned curves climb to chance level; keep the trained points readable
-    errors = [r["test_error"] for r in result["rows"]] + [p["test_error"] for p in result["published"]]
+    errors = [g["test_error"]["mean"] for g in groups] + [p["test_error"] for p in result["published"]]
     if errors:
-        ax.set_ylim(0, 2 * max(errors))
+        ax.set_ylim(0.75 * min(errors), 1.35 * max(errors))
     ax.set_xscale("log")
     ax.set_xlabel("compression |θ| / |θ≠0| (log)")
-    ax.set_ylabel("test error %")
+    ax.set_ylabel("test error % (mean ± std over seeds)")
     ax.set_title(result["experiment"] + (" (quick)" if result["quick"] else ""))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 import time
 import tomllib
@@ -72,12 +73,17 @@ def reproduce(
     data_dir: str | None = None,
     seed: int | None = None,
     seeds: list[int] | None = None,
+    assemble: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train every selected method of ``experiment`` and write the comparison table.
 
-    ``seeds``: train every selected row once per seed; a row's run for a seed other than its
-    recipe's is labelled ``<label>-s<seed>``, and table.md gains the mean over seeds."""
+    ``seeds``: train every selected row once per seed (default: the recipe's ``seeds``); a
+    row's run for a seed other than its recipe's is labelled ``<label>-s<seed>``, and the table
+    gives each row's mean and standard deviation over its seeds. A recipe row with
+    ``skip = "why"`` is never trained (a cell that costs more than the machines allow); with
+    ``assemble`` nothing is trained at all. Either way the row stays in the table, as "not
+    run" with its reason, or with the finished runs it has."""
     if seed is not None and seeds:
         raise ConfigError("give either --seed or --seeds, not both")
     common, table = load_experiment(experiment)
@@ -90,6 +96,8 @@ def reproduce(
     if unknown:
         raise ConfigError(f"unknown method label(s) {unknown} for {experiment}; "
                           f"available: {', '.join(table)}")
+    notes = {label: str(table[label].pop("note", "")) for label in table}
+    skips = {label: str(table[label].pop("skip", "")) for label in table}
     runs: list[tuple[str, dict[str, Any]]] = []
     for label in chosen:
         runs.append((label, dict(table[label])))
@@ -100,6 +108,8 @@ def reproduce(
     if seeds:
         runs = [(label if sd == settings.get("seed", common.get("seed", 0)) else f"{label}-s{sd}",
                  {**settings, "seed": sd}) for label, settings in runs for sd in seeds]
+    missing: dict[str, str] = {}  # row label -> why it has no finished run
+    not_run_seeds: dict[str, list[int]] = {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -120,6 +130,13 @@ def reproduce(
         if splits is None or splits[0] != key:
             splits = (key, load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train))
         s, how = _finished(cfg), "reused"
+        base = re.sub(r"-s\d+$", "", label.split(" lam=")[0])
+        if s is None and (assemble or skips.get(base)):
+            missing.setdefault(base, skips.get(base) or "no finished run in this directory "
+                               "(assembled without training)")
+            not_run_seeds.setdefault(base, []).append(cfg.seed)
+            log(f"== {label}: not run ({missing[base]})")
+            continue
         if s is None:
             resume = _same_settings(cfg, _checkpoint_config(cfg))
             how = "resumed" if resume else "trained"
@@ -127,7 +144,10 @@ def reproduce(
             s = train(cfg, resume=resume, overwrite=not resume, splits=splits[1], log=log)
         else:
             log(f"== {label}: reusing the finished run in {cfg.out}")
-        curve = prune_further_curve(cfg, Path(cfg.out) / "model.pt", splits[1])
+        state = run_weights(Path(cfg.out))
+        if state is not None:
+            export_compact(cfg, state, splits[1].info, s)
+        curve = prune_further_curve(cfg, state, splits[1]) if state is not None else []
         rows.append({
             "run": how, "curve": curve, "label": label, "method": cfg.method,
             "remaining_per_layer": s["remaining_per_layer"],
@@ -136,10 +156,12 @@ def reproduce(
             "total_params": s["total_params"], "train_seconds": s["train_seconds"],
             "epochs": s["epochs"], "run_dir": str(Path(cfg.out).relative_to(out)),
             "lam": cfg.lam if method_class(cfg.method).uses_lam else None,
-            "seed": cfg.seed,
+            "seed": cfg.seed, "group": base, "note": notes.get(base, ""),
         })
     result = {
         "experiment": experiment, "quick": quick, "rows": rows,
+        "groups": group_rows(rows, [re.sub(r"-s\d+$", "", lb.split(" lam=")[0])
+                                    for lb, _ in runs], missing, notes, not_run_seeds),
         "command": "sensprune " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(
             ("sensprune", "__main__.py")) else None,
         "seed": seed if seed is not None else common.get("seed", 0),
@@ -157,19 +179,76 @@ def reproduce(
     return result
 
 
+def group_rows(rows: list[dict], order: list[str], missing: dict[str, str],
+               notes: dict[str, str], not_run_seeds: dict[str, list[int]] | None = None) -> list[dict]:
+    """One entry per recipe row: its seeds' mean and sample standard deviation of compression,
+    test and validation error and remaining % per layer; or "not run" and why."""
+    out = []
+    for base in dict.fromkeys(order):
+        g = [r for r in rows if r["group"] == base]
+        if not g:
+            out.append({"label": base, "status": "not run", "why": missing.get(base, ""),
+                        "note": notes.get(base, ""), "seeds": []})
+            continue
+        entry = {"label": base, "status": "run", "method": g[0]["method"], "lam": g[0]["lam"],
+                 "epochs": g[0]["epochs"], "note": notes.get(base, ""),
+                 "seeds": [r["seed"] for r in g], "why": missing.get(base, ""),
+                 "seeds_not_run": (not_run_seeds or {}).get(base, [])}
+        for key in ("compression_ratio", "test_error", "val_error", "train_seconds"):
+            vals = [float(r[key]) for r in g]
+            mean = sum(vals) / len(vals)
+            std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+            entry[key] = {"mean": mean, "std": std, "min": min(vals), "max": max(vals)}
+        entry["remaining_per_layer"] = {
+            n: sum(r["remaining_per_layer"][n] for r in g) / len(g)
+            for n in g[0]["remaining_per_layer"]}
+        out.append(entry)
+    return out
+
+
 # Each final model is also magnitude-pruned further, without retraining, to these multiples
 # of its own compression: a cheap trade-off curve per method (how much of each method's
 # accuracy survives more pruning), drawn from each trained point in pareto.png.
 
 
+COMPACT = "model.safetensors"  # the committed form of a run's model (sensprune export, fp32)
+
+
+def run_weights(run_dir: Path) -> dict[str, torch.Tensor] | None:
+    """A finished run's weights: its model.pt, else its compact export, else None (older
+    committed runs kept their summary only)."""
+    if (run_dir / "model.pt").exists():
+        return safe_load(run_dir / "model.pt", what="model")
+    if (run_dir / COMPACT).exists():
+        from .export import read
+        return read(run_dir / COMPACT)[1]
+    return None
+
+
+def export_compact(cfg, state: dict[str, torch.Tensor], info, summary: dict) -> None:
+    """Write the run's model as a compact export beside it (fp32 values: lossless), the
+    form results/ commits (a 100x LeNet-300 is 18 KB where its model.pt is 1 MB)."""
+    from .export import export
+
+    target = Path(cfg.out) / COMPACT
+    if target.exists():
+        return
+    export(state, target, {"model": cfg.model, "num_classes": info.num_classes,
+                           "input_shape": list(info.input_shape)},
+           extra={"dataset": cfg.dataset,
+                  "normalization": {"mean": info.mean, "std": info.std},
+                  "summary": {k: summary[k] for k in ("test_error", "val_error",
+                              "compression_ratio", "nonzero_params", "total_params")}})
+
+
 @torch.no_grad()
-def prune_further_curve(cfg, model_path: Path, splits,
+def prune_further_curve(cfg, state: dict[str, torch.Tensor], splits,
                         multiples: tuple[float, ...] = CURVE_MULTIPLES) -> list[dict]:
     """[{compression_ratio, test_error, val_error}] of the saved model after zeroing its
     smallest-magnitude surviving weights (one global threshold) to each multiple of its
     compression. No retraining: a lower bound on what the method reaches at that sparsity."""
     model = build_model(cfg.model, splits.info.num_classes, splits.info.input_shape)
-    model.load_state_dict(safe_load(model_path, what="model"))
+    model.load_state_dict(state)
     use_channels_last(model, splits.info.input_shape)  # as in training
     weights = prunable_weights(model)
     total = sum(w.numel() for w in weights.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,8 @@ def phase_of(cfg: TrainConfig, epoch: int) -> str:
 
 
 def _progress(iterable, total: int, enabled: bool, desc: str):
-    if enabled:
+    # a bar redrawn into a log file or a pipe is noise (and megabytes): terminals only
+    if enabled and sys.stdout.isatty() and sys.stderr.isatty():
         try:
             from tqdm.auto import tqdm
             return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)

@@ -92,16 +92,27 @@ def choose_kernels(model: nn.Module, batch_sizes=(1, 64), reps: int = 30) -> dic
     return report
 
 
-def build_from_export(header: dict, state: dict[str, torch.Tensor]) -> nn.Module:
-    from ..models import build_model
+def build_from_export(header: dict, state: dict[str, torch.Tensor],
+                      model: nn.Module | None = None) -> nn.Module:
+    """The exported network as an nn.Module: a bundled architecture is rebuilt from the
+    header; any other (the user's own model) is filled into ``model``, an instance of it."""
+    from ..models import MODELS, build_model
 
+    arch = header.get("arch") if isinstance(header.get("arch"), dict) else {}
+    if model is None and arch.get("model") not in MODELS:
+        raise CheckpointError(f"the export holds a {arch.get('model', 'model')!r}, which is not a "
+                              "bundled architecture: pass an instance of it, "
+                              "sensprune.load(path, model=YourModel())")
     try:
-        arch = header["arch"]
-        model = build_model(arch["model"], arch["num_classes"], tuple(arch["input_shape"]))
-        model.load_state_dict(state)
-    except Exception as exc:  # missing keys, unknown model, shapes that do not fit
-        raise CheckpointError(f"the export's architecture does not match its tensors "
-                              f"({type(exc).__name__}: {str(exc)[:80]}); export it again") from None
+        if model is None:
+            model = build_model(arch["model"], arch["num_classes"], tuple(arch["input_shape"]))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k in dict(model.named_parameters())]
+        if missing or unexpected:
+            raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    except Exception as exc:  # missing keys, shapes that do not fit
+        raise CheckpointError(f"the export's tensors do not fit the model "
+                              f"({type(exc).__name__}: {str(exc)[:100]})") from None
     return model.eval()
 
 
@@ -121,13 +132,15 @@ def to_sparse_inference(model: nn.Module, kernels: str = "auto") -> nn.Module:
     return model.eval()
 
 
-def load(path: str | Path, kernels: str = "auto") -> nn.Module:
+def load(path: str | Path, kernels: str = "auto", model: nn.Module | None = None) -> nn.Module:
     """An exported file as an ``nn.Module`` ready for inference (eval mode, no grad needed).
 
     ``kernels``: 'auto' (per-layer timing at batch 1 and 64), 'density', 'dense', 'sparse'.
+    ``model``: for an export of your own architecture, an instance of it to fill (the bundled
+    ones are rebuilt from the file's header).
     """
     header, state = read(path)
-    model = build_from_export(header, state)
+    model = build_from_export(header, state, model)
     for p in model.parameters():
         p.requires_grad_(False)
     return to_sparse_inference(model, kernels)
