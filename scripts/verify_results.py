@@ -1,7 +1,8 @@
 """Check every committed result independently of the code that produced it.
 
-For each ``table.json`` under ``results/`` (or the directories given), loads each row's
-``model.pt`` into a fresh network, counts its zero weights and recomputes its test error on
+For each ``table.json`` under ``results/`` (or the directories given), loads each run's
+committed model (``model.safetensors``, the compact export, or a ``model.pt`` state dict read
+with ``weights_only=True``) into a fresh network, counts its zero weights and recomputes its test error on
 the test set read straight from the IDX files (own reader, no sensprune data code), then
 compares with the row. Prints one line per row; exits 1 on any mismatch, and on any committed
 model that could not be checked because its test set was not found (MNIST is embedded; the
@@ -48,6 +49,14 @@ def test_set(dataset: str, data_dir: Path | None):
     return None
 
 
+def load_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The run's committed weights: the compact export if there is one, else model.pt."""
+    if (run / "model.safetensors").exists():
+        from sensprune.export import read
+        return read(run / "model.safetensors")[1]
+    return torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+
+
 def default_data_dir() -> Path | None:
     """SENSPRUNE_DATA, else the project layout's ../shared/data beside the checkout."""
     if os.environ.get("SENSPRUNE_DATA"):
@@ -73,8 +82,8 @@ def main() -> int:
             continue
         for row in result["rows"]:
             run = table.parent / row["run_dir"]
-            if not (run / "model.pt").exists():
-                print(f"--  {run}: model not committed, not checked")
+            if not (run / "model.safetensors").exists() and not (run / "model.pt").exists():
+                print(f"--  {run}: model not committed (summary only), not checked")
                 continue
             cfg = json.loads((run / "summary.json").read_text())["config"]
             data = test_set(cfg["dataset"], args.data_dir)
@@ -84,7 +93,7 @@ def main() -> int:
                 continue
             x, y = data
             model = build_model(cfg["model"], 10, tuple(x.shape[1:]))
-            model.load_state_dict(torch.load(run / "model.pt", map_location="cpu"))
+            model.load_state_dict(load_weights(run))
             model.eval()
             with torch.no_grad():
                 wrong = sum(int((model(xb).argmax(1) != yb).sum())

@@ -32,4 +32,9 @@ def quick_lenet300(tmp_path_factory):
     tests (read-only: a test that changes files works on a copy)."""
     from sensprune.reproduce import reproduce
     out = tmp_path_factory.mktemp("quick-lenet300")
-    return out, reproduce("lenet300", out, quick=True, log=lambda *_: None)
+    return out, reproduce("lenet300", out, quick=True, log=lambda *_: None, methods=QUICK_ROWS)
+
+
+# one row of each method of the canonical LeNet-300 recipe (quick mode: seconds each)
+QUICK_ROWS = ["dense", "sensitivity-100x", "sensitivity-auto", "l2-50x", "l1-auto",
+              "gmp-layer-100x", "magnitude", "sparse_vd"]

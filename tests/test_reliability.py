@@ -141,11 +141,20 @@ def test_a_setting_missing_from_an_old_run_takes_its_earlier_default(monkeypatch
     assert config.differing_settings(now, old_run) == []
 
 
-def test_a_committed_run_from_before_the_floor_loads_with_floor_zero():
-    from pathlib import Path
+def test_a_run_saved_before_the_floor_existed_loads_with_floor_zero(tmp_path):
+    """A summary.json written before decay_floor existed has no key for it: it ran with the
+    paper's literal max(0, 1 - S), not with today's default of 0.5."""
+    import json
+
+    import torch
 
     from sensprune.checkpoint import load_run_model
+    from sensprune.config import make_config
+    from sensprune.models import build_model
 
-    run = Path(__file__).resolve().parents[1] / "results" / "lenet300" / "sensitivity"
-    cfg, _ = load_run_model(run)
-    assert cfg.method == "sensitivity" and cfg.decay_floor == 0.0
+    cfg = make_config(method="sensitivity").to_dict()
+    del cfg["decay_floor"]
+    (tmp_path / "summary.json").write_text(json.dumps({"config": cfg}))
+    torch.save(build_model("lenet300").state_dict(), tmp_path / "model.pt")
+    loaded, _ = load_run_model(tmp_path)
+    assert loaded.method == "sensitivity" and loaded.decay_floor == 0.0

@@ -28,7 +28,7 @@ def test_verify_script_accepts_true_rows_and_catches_a_wrong_one(quick_lenet300,
 
 def test_verify_script_names_a_missing_test_set_and_fails(tmp_path):
     # a Fashion-MNIST table with no Fashion-MNIST files anywhere: not a silent pass
-    src = Path(__file__).resolve().parents[1] / "results" / "convbn-fashion"
+    src = Path(__file__).resolve().parents[1] / "results" / "lenet5-fashion"
     env = dict(os.environ, SENSPRUNE_DATA=str(tmp_path))
     out = subprocess.run([sys.executable, str(SCRIPT), str(src)], capture_output=True,
                          text=True, env=env)

@@ -89,7 +89,7 @@ def reproduce(
     common, table = load_experiment(experiment)
     # the recipe's own seeds (its canonical table: every row per seed) unless the call says
     recipe_seeds = common.pop("seeds", None)
-    if seeds is None and seed is None and recipe_seeds:
+    if seeds is None and seed is None and recipe_seeds and not quick:
         seeds = [int(s) for s in recipe_seeds]
     chosen = list(table) if not methods else methods
     unknown = [m for m in chosen if m not in table]
@@ -103,7 +103,7 @@ def reproduce(
         runs.append((label, dict(table[label])))
         # the sweep varies the recipe's main row only: the other sensitivity rows change more
         # than lambda (an lr-scaled lambda is on another scale altogether)
-        if lam_sweep and label == "sensitivity":
+        if lam_sweep and table[label].get("method", common.get("method")) == "sensitivity":
             runs += [(f"{label} lam={lam:g}", {**table[label], "lam": lam}) for lam in lam_sweep]
     if seeds:
         runs = [(label if sd == settings.get("seed", common.get("seed", 0)) else f"{label}-s{sd}",
@@ -130,7 +130,7 @@ def reproduce(
         if splits is None or splits[0] != key:
             splits = (key, load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train))
         s, how = _finished(cfg), "reused"
-        base = re.sub(r"-s\d+$", "", label.split(" lam=")[0])
+        base = re.sub(r"-s\d+$", "", label)  # a lambda sweep's rows are rows of their own
         if s is None and (assemble or skips.get(base)):
             missing.setdefault(base, skips.get(base) or "no finished run in this directory "
                                "(assembled without training)")
@@ -160,8 +160,8 @@ def reproduce(
         })
     result = {
         "experiment": experiment, "quick": quick, "rows": rows,
-        "groups": group_rows(rows, [re.sub(r"-s\d+$", "", lb.split(" lam=")[0])
-                                    for lb, _ in runs], missing, notes, not_run_seeds),
+        "groups": group_rows(rows, [re.sub(r"-s\d+$", "", lb) for lb, _ in runs], missing,
+                             notes, not_run_seeds),
         "command": "sensprune " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(
             ("sensprune", "__main__.py")) else None,
         "seed": seed if seed is not None else common.get("seed", 0),
