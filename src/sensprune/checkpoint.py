@@ -188,7 +188,9 @@ def load_run_model(path: str | Path):
     if p.is_dir():
         if (p / "summary.json").exists() and (p / "model.pt").exists():
             p = p / "model.pt"
-        elif not (p / CHECKPOINT).exists():
+        elif (p / CHECKPOINT).exists():
+            p = p / CHECKPOINT
+        else:
             raise CheckpointError(f"{p} holds neither model.pt + summary.json nor {CHECKPOINT}; "
                                   "give a run directory written by `sensprune train`")
     if p.name == CHECKPOINT or not p.exists():

@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", help=f"TOML recipe file or a bundled name ({recipes})")
     add_setting_options(t)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--compare", metavar="TABLE",
+                   help="after training, print this run beside the rows of a reproduce "
+                   "table.json trained with the same settings (mean ± std over their seeds) "
+                   "and its published points")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run that OUT holds (default: refuse)")
 
@@ -186,6 +190,9 @@ def cmd_train(args) -> int:
     if "test_error" in summary:  # rank 0 (or the only process) reports
         print(summary_markdown(summary))
         print(f"wrote {cfg.out}/summary.json, summary.md, model.pt, checkpoint.pt, metrics.jsonl")
+        if args.compare:
+            from .report import compare_to_table
+            print(compare_to_table(summary, args.compare))
     return 0
 
 

@@ -297,14 +297,23 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         bundled = ", ".join(sorted(f.stem for f in RECIPES_DIR.glob("*.toml")))
         raise ConfigError(f"recipe file {path} not found; give a TOML path or one of: {bundled}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"recipe {p} is a directory; give a .toml file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {p} is not a text file; give a .toml recipe") from None
+    except OSError as exc:
+        raise ConfigError(f"recipe {p} cannot be read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"recipe {p}: invalid TOML ({exc})") from None
     flat: dict[str, Any] = {}
+    where: dict[str, str] = {}
     for key, value in data.items():  # tables ([train], [method]...) are flattened
-        if isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
+        for k, v in (value.items() if isinstance(value, dict) else [(key, value)]):
+            section = f"[{key}]" if isinstance(value, dict) else "the top level"
+            if k in flat:  # silently keeping the last would hide a mistake
+                raise ConfigError(f"recipe {p}: {k} is set twice ({where[k]} and {section}); "
+                                  "keep one")
+            flat[k], where[k] = v, section
     return flat
 
 

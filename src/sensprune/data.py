@@ -133,6 +133,15 @@ def load_split(name: str, split: str, data_dir=None) -> tuple[torch.Tensor, torc
             f"{directory}: {len(images)} images but {len(labels)} labels in the {split} split; "
             "the files come from different datasets"
         )
+    info = dataset_info(name)
+    if tuple(images.shape[1:]) != tuple(info.input_shape[-2:]):
+        raise DataError(f"{directory}: {split} images are {images.shape[1]}x{images.shape[2]}, a "
+                        f"{name} model takes {info.input_shape[-2]}x{info.input_shape[-1]}; "
+                        "pass the right --data-dir or --dataset")
+    if len(labels) and int(labels.max()) >= info.num_classes:
+        raise DataError(f"{directory}: {split} labels go up to {int(labels.max())}, {name} has "
+                        f"{info.num_classes} classes (0-{info.num_classes - 1}); these files are "
+                        "not that dataset")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 

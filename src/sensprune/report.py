@@ -341,3 +341,42 @@ def plot_histograms(result: dict, path: str | Path, title: str = "") -> Path | N
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def compare_to_table(summary: dict, table: str | Path) -> str:
+    """This run beside a reproduce table: the table's row whose runs were trained with this
+    run's settings (any seed; found by comparing the saved settings, not by name), as mean ±
+    std over its seeds, and the published points. What `make run` prints after training."""
+    from .config import differing_settings
+
+    path = Path(table)
+    try:
+        result = json.loads(path.read_text())
+        rows, groups = result["rows"], result_groups(result)
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"(no comparison: {path} is not a readable reproduce table.json)"
+    same = None
+    for r in rows:
+        try:
+            saved = json.loads((path.parent / r["run_dir"] / "summary.json").read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not [k for k in differing_settings(summary["config"], saved) if k != "seed"]:
+            same = r.get("group") or r["label"]
+            break
+    lines = ["", f"Compared with {path}:", "",
+             "| | seeds | compression | test err % | val err % |", "|---|---|---|---|---|",
+             f"| **this run** (seed {summary['config']['seed']}) | 1 | "
+             f"{summary['compression_ratio']:.1f}x | {summary['test_error']:.2f} | "
+             f"{summary['val_error']:.2f} |"]
+    g = next((g for g in groups if g["label"] == same and g["status"] == "run"), None)
+    if g is not None:
+        lines.append(f"| committed `{g['label']}` | {','.join(map(str, g['seeds']))} | "
+                     f"{_pm(g['compression_ratio'], '.1f', 'x')} | {_pm(g['test_error'])} "
+                     f"(range {g['test_error']['min']:.2f}–{g['test_error']['max']:.2f}) | "
+                     f"{_pm(g['val_error'])} |")
+    else:
+        lines.append("| (no committed row has this run's settings) | | | | |")
+    lines += [f"| {p['label']} (published) | | {p['compression_ratio']}x | {p['test_error']} | |"
+              for p in result.get("published", [])]
+    return "\n".join(lines) + "\n"

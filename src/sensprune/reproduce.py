@@ -59,9 +59,18 @@ def load_experiment(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]
     except FileNotFoundError:
         raise ConfigError(f"no experiment {name!r}; choose one of {', '.join(EXPERIMENTS)} "
                           "or give a recipe file") from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is not a TOML text file; give an experiment recipe") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
-    return data.get("common", {}), data.get("methods", {})
+    common, methods = data.get("common", {}), data.get("methods", {})
+    if not isinstance(common, dict) or not isinstance(methods, dict) or not all(
+            isinstance(v, dict) for v in methods.values()):
+        raise ConfigError(f"{path}: an experiment recipe has a [common] table and "
+                          "[methods.<label>] tables")
+    return common, methods
 
 
 def reproduce(

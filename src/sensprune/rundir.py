@@ -62,7 +62,7 @@ def record(out: str | Path, *names: str) -> None:
             files[n] = _stat_key(out / n)
     tmp = out / f".{MANIFEST}.tmp{os.getpid()}"
     try:
-        tmp.write_text(json.dumps({"written_by": "sensprune", "files": files}) + "\n")
+        tmp.write_text(json.dumps({"written_by": "sensprune", "files": files}, sort_keys=True) + "\n")
         os.replace(tmp, out / MANIFEST)
     except OSError:
         with contextlib.suppress(OSError):
