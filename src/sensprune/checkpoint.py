@@ -100,10 +100,14 @@ def safe_load(path: str | Path, map_location="cpu", what: str = "file") -> Any:
     except IsADirectoryError:
         raise CheckpointError(f"{what} {p} is a directory; give the file") from None
     except Exception as exc:  # torch raises several types for torn, corrupt or unsafe files
-        unsafe = "weights only" in str(exc).lower() or "unsupported global" in str(exc).lower()
+        # torch prefixes every failure under weights_only with "Weights only load failed";
+        # only a refused global (a class or function to call) is a file carrying objects
+        text = str(exc).lower()
+        unsafe = "unsupported global" in text or "global" in text and "allowed" in text
         why = ("it holds Python objects other than tensors and plain values, which sensprune "
                "never loads (they could run code)" if unsafe else
-               f"it is truncated, corrupt or not a PyTorch file ({type(exc).__name__})")
+               f"it is unreadable: truncated, corrupt or not a PyTorch file "
+               f"({type(exc).__name__})")
         raise CheckpointError(f"{what} {p} is refused: {why}") from None
 
 
