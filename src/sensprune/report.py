@@ -267,7 +267,7 @@ def plot_pareto(result: dict, path: Path) -> Path | None:
         bars = ax.errorbar(x, y, yerr=[g["test_error"]["std"] for g in gs],
                            xerr=[g["compression_ratio"]["std"] for g in gs],
                            marker=markers[i % len(markers)], linestyle="-" if len(gs) > 1 else "none",
-                           capsize=2, label=fam, color=f"C{i % 10}")
+                           capsize=2, label=fam, color=plt.cm.tab20(i % 20))
         colors[fam] = bars[0].get_color()
     for r in result["rows"]:  # pruned further without retraining: dotted, the row's colour
         fam = _family(r.get("group") or re.sub(r"-s\d+$", "", r["label"]))
@@ -281,9 +281,15 @@ def plot_pareto(result: dict, path: Path) -> Path | None:
                     xytext=(6, 8 if k % 2 == 0 else -12), textcoords="offset points",
                     bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
     # the further-pruned curves climb to chance level; keep the trained points readable
-    errors = [g["test_error"]["mean"] for g in groups] + [p["test_error"] for p in result["published"]]
-    if errors:
-        ax.set_ylim(0.75 * min(errors), 1.35 * max(errors))
+    errors = sorted([g["test_error"]["mean"] for g in groups] +
+                    [p["test_error"] for p in result["published"]])
+    if errors:  # a collapsed row (error far above the rest) must not squash the others
+        top = min(1.35 * errors[-1], 2.0 * errors[len(errors) // 2])
+        ax.set_ylim(0.75 * errors[0], top)
+        off = [g["label"] for g in groups if g["test_error"]["mean"] > top]
+        if off:
+            ax.text(0.01, 0.98, "above the plot: " + ", ".join(off), transform=ax.transAxes,
+                    fontsize=7, va="top")
     ax.set_xscale("log")
     ax.set_xlabel("compression |θ| / |θ≠0| (log)")
     ax.set_ylabel("test error % (mean ± std over seeds)")
