@@ -9,6 +9,7 @@ is refused, so no code runs from a file), and a checkpoint carries a SHA-256 of 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,13 +51,6 @@ def state_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
-
-
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over ``path``:
     a crash leaves either the old file or the new one, never a torn one. A failed write (disk
@@ -70,7 +64,7 @@ def save_atomic(obj: Any, path: Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch wraps ENOSPC/EFBIG in a RuntimeError
-        _remove_quietly(tmp)
+        tmp.unlink(missing_ok=True)
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:80]
         kept = "the previous file is kept" if path.exists() else "nothing was written"
         raise CheckpointError(f"cannot write {path} ({why}); {kept}; free space (or fix the "
@@ -84,7 +78,8 @@ def write_text_atomic(text: str, path: Path) -> None:
             f.write(text)
         os.replace(tmp, path)
     except OSError as exc:
-        _remove_quietly(tmp)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise CheckpointError(f"cannot write {path} ({exc.strerror}); free space (or fix the "
                               "directory) and run again") from None
 
@@ -120,7 +115,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} not found; give a run directory or its "
                               f"{CHECKPOINT}")
-    obj = safe_load(p, map_location, "checkpoint")
+    return _checked(safe_load(p, map_location, "checkpoint"), p)
+
+
+def _checked(obj: Any, p: Path) -> dict:
+    """``obj``, read from ``p``, as a checkpoint: the expected layout and its SHA-256."""
     if not isinstance(obj, dict) or any(k not in obj for k in CHECKPOINT_KEYS):
         raise CheckpointError(f"{p} is not a sensprune checkpoint (it lacks "
                               f"{', '.join(CHECKPOINT_KEYS)}); give the checkpoint.pt of a run")
@@ -202,8 +201,7 @@ def load_run_model(path: str | Path):
     else:
         obj = safe_load(p, what="model")
     if isinstance(obj, dict) and "config" in obj and "model" in obj:
-        if p.name != CHECKPOINT:
-            obj = load_checkpoint(p)  # a checkpoint under another name: checked as one
+        obj = _checked(obj, p)  # a checkpoint, whatever its name: checked as one
         config, state = obj["config"], obj["model"]
     elif not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise CheckpointError(f"{p} is neither a sensprune checkpoint nor a model state_dict "
@@ -211,7 +209,8 @@ def load_run_model(path: str | Path):
     else:  # a bare state_dict (model.pt): its settings are in the run's summary.json
         summary = (p if p.is_dir() else p.parent) / "summary.json"
         try:
-            config = json.loads(summary.read_text())["config"]
+            saved = json.loads(summary.read_text())
+            config = saved["config"]
             if not isinstance(config, dict):
                 raise ValueError
         except (OSError, ValueError, KeyError, TypeError):
@@ -219,7 +218,7 @@ def load_run_model(path: str | Path):
                                   "which model they belong to; give the run directory or its "
                                   f"{CHECKPOINT}") from None
         state = obj
-        expected = json.loads(summary.read_text()).get("model_sha256")
+        expected = saved.get("model_sha256")
         if expected is not None and expected != state_digest(state):
             raise CheckpointError(f"{p} is damaged (its SHA-256 does not match the one "
                                   f"{summary.name} recorded); restore it or train again")

@@ -115,9 +115,9 @@ class Pruner:
     @torch.no_grad()
     def apply(self) -> None:
         """Zero pruned weights and the optimizer state at pruned positions (call after each
-        optimizer step: momentum or Adam moments would otherwise revive them)."""
-        if self.pruned:
-            self.refresh()
+        optimizer step: momentum or Adam moments would otherwise revive them). It runs every
+        step, so it does not look the parameters up again: thresholding does (``refresh``);
+        after changing the model in between, call ``refresh()``."""
         for n in self.pruned:
             p, m = self.params[n], self.masks[n]
             p.mul_(m)

@@ -163,12 +163,38 @@ def _pm(stat: dict, fmt: str = ".2f", suffix: str = "") -> str:
     return f"{stat['mean']:{fmt}}{suffix} ± {stat['std']:{fmt}}"
 
 
+def group_rows(rows: list[dict], order: list[str], missing: dict[str, str],
+               notes: dict[str, str], not_run_seeds: dict[str, list[int]] | None = None) -> list[dict]:
+    """One entry per recipe row: its seeds' mean and sample standard deviation of compression,
+    test and validation error and remaining % per layer; or "not run" and why."""
+    out = []
+    for base in dict.fromkeys(order):
+        g = [r for r in rows if r["group"] == base]
+        if not g:
+            out.append({"label": base, "status": "not run", "why": missing.get(base, ""),
+                        "note": notes.get(base, ""), "seeds": []})
+            continue
+        entry = {"label": base, "status": "run", "method": g[0]["method"], "lam": g[0]["lam"],
+                 "epochs": g[0]["epochs"], "note": notes.get(base, ""),
+                 "seeds": [r["seed"] for r in g], "why": missing.get(base, ""),
+                 "seeds_not_run": (not_run_seeds or {}).get(base, [])}
+        for key in ("compression_ratio", "test_error", "val_error", "train_seconds"):
+            vals = [float(r[key]) for r in g]
+            mean = sum(vals) / len(vals)
+            std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+            entry[key] = {"mean": mean, "std": std, "min": min(vals), "max": max(vals)}
+        entry["remaining_per_layer"] = {
+            n: sum(r["remaining_per_layer"][n] for r in g) / len(g)
+            for n in g[0]["remaining_per_layer"]}
+        out.append(entry)
+    return out
+
+
 def result_groups(result: dict) -> list[dict]:
     """The table's rows (one per recipe row, over its seeds); older table.json files without
     them get them computed from their runs."""
     if result.get("groups") is not None:
         return result["groups"]
-    from .reproduce import group_rows
     rows = [{**r, "group": r.get("group") or re.sub(r"-s\d+$", "", r["label"].split(" lam=")[0])}
             for r in result["rows"]]
     return group_rows(rows, [r["group"] for r in rows], {}, {})

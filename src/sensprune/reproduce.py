@@ -31,7 +31,7 @@ from .errors import CheckpointError, ConfigError
 from .models import build_model, prunable_weights, use_channels_last
 from .checkpoint import CHECKPOINT, load_checkpoint, safe_load, write_text_atomic
 from .methods import method_class
-from .report import CURVE_MULTIPLES, comparison_markdown, plot_pareto
+from .report import CURVE_MULTIPLES, comparison_markdown, group_rows, plot_pareto
 from .train import evaluate, train
 
 EXPERIMENTS = ("lenet300", "lenet5", "lenet5-fashion")
@@ -186,33 +186,6 @@ def reproduce(
     write_text_atomic(comparison_markdown(result), out / "table.md")
     plot_pareto(result, out / "pareto.png")
     return result
-
-
-def group_rows(rows: list[dict], order: list[str], missing: dict[str, str],
-               notes: dict[str, str], not_run_seeds: dict[str, list[int]] | None = None) -> list[dict]:
-    """One entry per recipe row: its seeds' mean and sample standard deviation of compression,
-    test and validation error and remaining % per layer; or "not run" and why."""
-    out = []
-    for base in dict.fromkeys(order):
-        g = [r for r in rows if r["group"] == base]
-        if not g:
-            out.append({"label": base, "status": "not run", "why": missing.get(base, ""),
-                        "note": notes.get(base, ""), "seeds": []})
-            continue
-        entry = {"label": base, "status": "run", "method": g[0]["method"], "lam": g[0]["lam"],
-                 "epochs": g[0]["epochs"], "note": notes.get(base, ""),
-                 "seeds": [r["seed"] for r in g], "why": missing.get(base, ""),
-                 "seeds_not_run": (not_run_seeds or {}).get(base, [])}
-        for key in ("compression_ratio", "test_error", "val_error", "train_seconds"):
-            vals = [float(r[key]) for r in g]
-            mean = sum(vals) / len(vals)
-            std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-            entry[key] = {"mean": mean, "std": std, "min": min(vals), "max": max(vals)}
-        entry["remaining_per_layer"] = {
-            n: sum(r["remaining_per_layer"][n] for r in g) / len(g)
-            for n in g[0]["remaining_per_layer"]}
-        out.append(entry)
-    return out
 
 
 # Each final model is also magnitude-pruned further, without retraining, to these multiples

@@ -23,7 +23,8 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import ConfigError
+from .checkpoint import write_text_atomic
+from .errors import CheckpointError, ConfigError
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json", "summary.md", "model.pt",
              "curves.png", "sensitivity.png")
@@ -60,14 +61,8 @@ def record(out: str | Path, *names: str) -> None:
     for n in names:
         if (out / n).exists():
             files[n] = _stat_key(out / n)
-    tmp = out / f".{MANIFEST}.tmp{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps({"written_by": "sensprune", "files": files}, sort_keys=True) + "\n")
-        os.replace(tmp, out / MANIFEST)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    write_text_atomic(json.dumps({"written_by": "sensprune", "files": files}, sort_keys=True)
+                      + "\n", out / MANIFEST)
 
 
 def owned_files(out: Path) -> tuple[list[str], list[str]]:
@@ -93,9 +88,6 @@ class RunClaim:
         self._replace = replace
         self._moved: list[str] = []
         self.committed = not replace
-
-    def __fspath__(self) -> str:
-        return str(self.out)
 
     def replace_previous(self) -> None:
         """Move the old run's files aside (called once the new run has checked everything)."""
@@ -130,7 +122,7 @@ class RunClaim:
                 os.replace(aside / n, self.out / n)
         with contextlib.suppress(OSError):
             aside.rmdir()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, CheckpointError):
             record(self.out, *self._moved)
         self._moved = []
 
