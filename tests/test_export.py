@@ -128,8 +128,22 @@ def test_sparse_linear_kernels_agree():
         ref = x @ w.t() + b
         torch.testing.assert_close(sl.sparse_forward(x), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sl.dense_forward(x), ref, atol=1e-5, rtol=1e-5)
-    m = to_sparse_inference(torch.nn.Sequential(torch.nn.Linear(80, 50)), kernels="auto")
-    assert isinstance(m[0], SparseLinear) and len(m[0].use_sparse) == 2
+    # with an input selection absorbed: the CSR kernel reads the selected columns in place
+    idx = torch.tensor([1, 5, 6, 30, 79])
+    sel = SparseLinear(w[:, :5], b, index=idx, in_size=80)
+    x = torch.randn(9, 80)
+    ref = x[:, idx] @ w[:, :5].t() + b
+    torch.testing.assert_close(sel.sparse_forward(x), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sel.dense_forward(x), ref, atol=1e-5, rtol=1e-5)
+    # 'auto' keeps a plain nn.Linear unless CSR was measured faster at batch 1 or 64
+    lin = torch.nn.Linear(80, 50)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(50, 80) < 0.05)
+    m = to_sparse_inference(torch.nn.Sequential(lin), kernels="auto")
+    faster = [v["sparse"] for v in m.kernel_report.values()]
+    assert len(faster) == 2
+    assert isinstance(m[0], SparseLinear) == any(faster)
+    assert type(to_sparse_inference(torch.nn.Sequential(lin), "dense")[0]) is torch.nn.Linear
 
 
 def _rewrite_header(f, edit):

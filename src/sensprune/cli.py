@@ -90,6 +90,7 @@ def add_setting_options(parser: argparse.ArgumentParser, *names: str,
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import RECIPES_DIR
+    from .export.container import COMPRESSIONS
     from .export.encodings import VALUE_FORMATS
 
     p = _Parser(prog="sensprune", description="Train sparse networks with "
@@ -136,9 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--data-dir")
 
     ex = sub.add_parser("export", help="write a compact sparse file (and optionally ONNX)")
-    ex.add_argument("checkpoint", help="a run directory, its checkpoint.pt or its model.pt")
+    ex.add_argument("checkpoint", help="a run directory, its checkpoint.pt or model.pt, or an "
+                    "earlier export (.safetensors)")
     ex.add_argument("-o", "--output", required=True, help="output file (.safetensors)")
-    ex.add_argument("--values", choices=VALUE_FORMATS, default="fp32")
+    ex.add_argument("--values", choices=VALUE_FORMATS, default="fp32",
+                    help="value format (default: fp32)")
+    ex.add_argument("--compact", action="store_true", help="remove every neuron, channel and "
+                    "input with no path to the output first: a smaller dense network with the "
+                    "same predictions (chain networks; others are exported as they are)")
+    ex.add_argument("--compress", choices=COMPRESSIONS, default="none",
+                    help="pack the arrays into one LZMA stream (default: none)")
     ex.add_argument("--onnx", metavar="FILE", help="also export ONNX and check it against torch")
     ex.add_argument("--data-dir")
     ex.add_argument("--json", metavar="FILE", help="write the size/accuracy report as JSON")
@@ -266,7 +274,8 @@ def cmd_export(args) -> int:
     from .report import export_text
 
     result = export_checkpoint(args.checkpoint, args.output, values=args.values,
-                               data_dir=args.data_dir, onnx_path=args.onnx)
+                               data_dir=args.data_dir, onnx_path=args.onnx,
+                               compact=args.compact, compress=args.compress)
     print(export_text(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

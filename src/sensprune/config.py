@@ -24,6 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "regularize": ("weights", "weights+biases", "all"),
     "threshold_mode": ("global", "layer"),
     "normalize": ("none", "mean", "max", "quantile"),
+    "unit_decay": ("proportional", "group"),
     "sens_source": ("outputs", "loss"),
     "batchnorm": ("frozen", "exact"),
     "threshold_ref": ("epoch", "start", "best"),
@@ -133,6 +134,9 @@ class TrainConfig:
                                      "of weights removed (0-1)",
                                      min=0)
     gmp_every: int = setting(100, "gmp: steps between pruning updates", min=1)
+    unit_decay: str = setting("proportional", "neuron: how a unit's insensitivity d decays its "
+                              "incoming weights w_n: proportional (w_n -= lam d w_n) or group "
+                              "(the group-lasso step with lam d: small units reach exactly 0)")
     vd_kl_warmup_epochs: int = setting(5, "sparse_vd: epochs to anneal the KL weight from 0 "
                                        "to 1", min=0)
     vd_kl_delay_epochs: int = setting(0, "sparse_vd: epochs with KL weight 0 before the "
@@ -237,11 +241,13 @@ def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
 # Settings that only some methods read (method names), and those that only the loop's
 # threshold policy reads: for any other method they cannot change the result.
 READ_BY = {
+    "kind": ("sensitivity", "neuron"), "decay_floor": ("sensitivity", "neuron"),
+    "normalize": ("sensitivity", "neuron"),
     **{k: ("sensitivity",) for k in (
-        "kind", "reduction", "outputs", "decay_floor", "normalize", "beta", "quantile",
+        "reduction", "outputs", "beta", "quantile",
         "times_weight", "batchnorm", "sens_source", "sens_every", "output_samples",
         "lam_lr_scaled")},
-    "gmp_every": ("gmp",), "vd_kl_warmup_epochs": ("sparse_vd",),
+    "gmp_every": ("gmp",), "unit_decay": ("neuron",), "vd_kl_warmup_epochs": ("sparse_vd",),
     "vd_kl_delay_epochs": ("sparse_vd",),
 }
 THRESHOLD_SETTINGS = ("threshold", "val_budget", "threshold_ref", "prune_patience",

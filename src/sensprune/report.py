@@ -73,8 +73,18 @@ def export_text(r: dict) -> str:
     lines.append(f"dense fp32: {r['dense_fp32_bytes']:,} bytes; {r['file']}: {r['file_bytes']:,} "
                  f"bytes ({r['ratio']:.1f}x smaller); checkpoint test error "
                  f"{r['checkpoint_test_error']:.2f}%")
+    comp = r.get("compaction")
+    if comp and "not_compacted" in comp:
+        lines.append(f"not compacted: {comp['not_compacted']}")
+    elif comp:
+        shapes = " -> ".join("x".join(str(d) for d in layer["shape"])
+                             for layer in comp["after"]["layers"])
+        lines.append(f"compacted: {shapes}; multiply-adds per sample {comp['before']['macs']:,} "
+                     f"-> {comp['after']['macs']:,} ({comp['before']['macs'] / max(1, comp['after']['macs']):.1f}x fewer); "
+                     f"max output difference {comp['max_output_difference']:.1e}")
     for n, m in r["layers"].items():
-        lines.append(f"  {n:24s} {m['encoding']:10s} nnz {m['nnz']:8,d}  {m['bytes']:9,d} B")
+        lines.append(f"  {n:24s} {m['encoding']:10s} nnz {m.get('nnz', m['shape'][0]):8,d}  "
+                     f"{m['bytes']:9,d} B")
     if "onnx" in r:
         lines.append(f"ONNX: {r['onnx']['file']}, max |onnxruntime - torch| = "
                      f"{r['onnx']['max_abs_diff']:.2e}")

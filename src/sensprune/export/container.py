@@ -4,8 +4,10 @@ header and every stored byte. ``save_file`` / ``load_file`` in the spirit of saf
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import lzma
 import math
 import os
 from pathlib import Path
@@ -15,7 +17,15 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from .encodings import VALUE_FORMATS, _decode_tensor, _encode_tensor
+from .encodings import (VALUE_FORMATS, _decode_tensor, _encode_tensor, decode_index,
+                        encode_index)
+
+# raw LZMA (no container overhead: the header records what is inside), a small dictionary
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME,
+                  "dict_size": 1 << 20}]
+_DTYPES = {"|u1": ("U8", np.uint8), "<u2": ("U16", np.uint16), "<u4": ("U32", np.uint32),
+           "<u8": ("U64", np.uint64), "<f4": ("F32", np.float32), "<f2": ("F16", np.float16),
+           "|i1": ("I8", np.int8)}
 
 FORMAT = "sensprune-sparse/1"
 
@@ -33,41 +43,69 @@ def _digest(arrays: dict[str, np.ndarray], header: dict | None = None) -> str:
     return h.hexdigest()
 
 
+COMPRESSIONS = ("none", "lzma")
+
+
 def export(state_dict: dict[str, torch.Tensor], path: str | Path, arch: dict[str, Any],
-           values: str = "fp32", extra: dict[str, Any] | None = None) -> dict:
+           values: str = "fp32", extra: dict[str, Any] | None = None,
+           compress: str = "none") -> dict:
     """Write ``state_dict`` compactly to ``path`` (safetensors); returns the size report.
 
     ``arch`` = {"model": registry name, "num_classes": C, "input_shape": [...]}. Buffers
     and biases are stored like any tensor (dense when that is smallest). With int8 values,
     only tensors with more than one dimension are quantized; 1-D tensors are stored fp16.
+    Integer index tensors (a compacted chain's input selection) are stored as bitsets.
+    ``compress="lzma"`` packs every array into one LZMA stream (each tensor's layout is then
+    the one that compresses smallest): files near the entropy of the masks and values.
     """
     from safetensors.numpy import save_file
 
     if values not in VALUE_FORMATS:
         raise ConfigError(f"values must be one of {', '.join(VALUE_FORMATS)}, got {values!r}")
+    if compress not in COMPRESSIONS:
+        raise ConfigError(f"compress must be one of {', '.join(COMPRESSIONS)}, got {compress!r}")
     layers, arrays = {}, {}
     dense_bytes = reference = 0
     for name, t in state_dict.items():
+        if torch.is_tensor(t) and not t.is_floating_point() and name.endswith(".index"):
+            meta, arr = encode_index(name, t)
+            layers[name] = meta
+            arrays.update(arr)
+            continue
         if not torch.is_tensor(t) or not t.is_floating_point():
             continue
         fmt = values if (values != "int8" or t.dim() > 1) else "fp16"
-        meta, arr, ref = _encode_tensor(name, t, fmt)
+        meta, arr, ref = _encode_tensor(name, t, fmt, compressed=compress != "none")
         reference += ref
         meta["values"] = fmt
         layers[name] = meta
         arrays.update(arr)
         dense_bytes += t.numel() * 4
-    header = {"format": FORMAT, "arch": arch, "values": values, "layers": layers, **(extra or {})}
+    # a packed file keeps only what decoding needs per tensor (the report has the rest)
+    file_layers = layers if compress == "none" else {
+        n: {k: v for k, v in m.items() if k not in ("nnz", "bytes")} for n, m in layers.items()}
+    header = {"format": FORMAT, "arch": arch, "values": values, "layers": file_layers,
+              **(extra or {})}
+    stored = arrays
+    if compress == "lzma":
+        header["packed"] = [[k, arrays[k].dtype.str, int(arrays[k].size)] for k in sorted(arrays)]
+        stored = {"packed": np.frombuffer(lzma.compress(
+            b"".join(np.ascontiguousarray(arrays[k]).tobytes() for k in sorted(arrays)),
+            format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS), dtype=np.uint8)}
     header["sha256_all"] = _digest(arrays, header)
     path = _check_output(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(arrays, str(tmp), metadata={"sensprune": json.dumps(header, separators=(",", ":"))})
+    text = json.dumps(header, separators=(",", ":"))
+    if compress == "lzma":  # the header too (JSON inside JSON escapes every quote)
+        text = "lzma:" + base64.b85encode(lzma.compress(
+            text.encode(), format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)).decode()
+    save_file(stored, str(tmp), metadata={"sensprune": text})
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an export is meant to be shared
     tmp.replace(path)
     size = path.stat().st_size
-    payload = sum(m["bytes"] for m in layers.values())
+    payload = sum(v.nbytes for v in stored.values())
     return {"file_bytes": size, "dense_fp32_bytes": dense_bytes, "ratio": dense_bytes / size,
             "payload_bytes": payload, "header_bytes": size - payload,
             "min_csr_bitmask_bytes": reference,
@@ -88,13 +126,21 @@ MAX_TENSOR_NUMEL = 1 << 31
 # a tensor with no architecture to check it against: its declared size is bounded by the
 # file's (a 1000x sparse tensor stores about 1 byte per 100 entries)
 NUMEL_PER_FILE_BYTE = 1024
+# LZMA turns long zero runs into almost nothing; an unpacked payload beyond this many bytes per
+# file byte is a decompression bomb, not a model
+MAX_UNPACKED_PER_FILE_BYTE = 4096
 
 
 def _expected_shapes(arch: Any) -> dict[str, tuple[int, ...]] | None:
     """The state_dict shapes of a bundled architecture (built on the meta device: nothing is
     allocated), or None for a model sensprune does not know (the user's own)."""
     from ..models import MODELS, build_model
+    from .compaction import build_chain
 
+    if isinstance(arch, dict) and arch.get("model") == "chain":
+        with torch.device("meta"):
+            chain = build_chain(arch.get("layers"))
+        return {k: tuple(v.shape) for k, v in chain.state_dict().items()}
     if not isinstance(arch, dict) or arch.get("model") not in MODELS:
         return None
     nc, shape = arch.get("num_classes"), arch.get("input_shape")
@@ -136,14 +182,18 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(str(p), framework="numpy") as f:
             meta = f.metadata() or {}
-            header = json.loads(meta["sensprune"])
+            header = json.loads(_header_text(meta["sensprune"]))
             if not isinstance(header, dict) or header.get("format") != FORMAT:
                 found = header.get("format") if isinstance(header, dict) else None
                 raise CheckpointError(f"{p}: unsupported format {found!r}")
             declared = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
                         for k in f.keys()}
+            if "packed" in header:
+                declared = _packed_layout(header["packed"], declared, size)
             _check_layout(header, declared, size)
             arrays = {k: f.get_tensor(k) for k in f.keys()}
+            if "packed" in header:
+                arrays = _unpack(header["packed"], arrays["packed"])
     except CheckpointError as exc:
         raise CheckpointError(f"{p}: {exc}" if not str(exc).startswith(str(p)) else str(exc)) \
             from None
@@ -162,13 +212,63 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{p}: checksum mismatch, the file is corrupt or was edited; "
                               "export it again")
     try:
-        state = {n: _decode_tensor(n, m, arrays) for n, m in header["layers"].items()}
+        state = {n: decode_index(n, m, arrays) if m.get("encoding") == "bitset"
+                 else _decode_tensor(n, m, arrays) for n, m in header["layers"].items()}
     except CheckpointError as exc:
         raise CheckpointError(f"{p}: {exc}") from None
     except Exception as exc:  # a checksum can be recomputed by hand: still no raw errors
         raise CheckpointError(f"{p}: malformed header ({type(exc).__name__}: {str(exc)[:80]}); "
                               "export it again") from None
     return header, state
+
+
+MAX_HEADER_BYTES = 16 << 20
+
+
+def _header_text(text: str) -> str:
+    """The header's JSON; an LZMA-packed one is unpacked to at most MAX_HEADER_BYTES."""
+    if not text.startswith("lzma:"):
+        return text
+    try:
+        raw = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS).decompress(
+            base64.b85decode(text[5:]), max_length=MAX_HEADER_BYTES)
+    except (ValueError, lzma.LZMAError):
+        raise CheckpointError("the packed header does not decompress; export it again") from None
+    return raw.decode("utf-8", errors="replace")
+
+
+def _packed_layout(packed: Any, declared: dict, file_bytes: int) -> dict:
+    """The arrays an LZMA-packed file declares (names, dtypes, lengths), checked: a known
+    dtype each, and an unpacked size the file could plausibly hold."""
+    if (set(declared) != {"packed"} or declared["packed"][1] != "U8" or not isinstance(packed, list)
+            or not all(isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+                       and e[1] in _DTYPES and isinstance(e[2], int) and not isinstance(e[2], bool)
+                       and 0 <= e[2] <= MAX_TENSOR_NUMEL for e in packed)):
+        raise CheckpointError("malformed packed payload; export it again")
+    total = sum(e[2] * np.dtype(_DTYPES[e[1]][1]).itemsize for e in packed)
+    if total > MAX_UNPACKED_PER_FILE_BYTE * file_bytes + (1 << 24):
+        raise CheckpointError(f"the header declares {total} unpacked bytes, far more than a "
+                              f"{file_bytes}-byte file can hold; refused")
+    return {e[0]: ((e[2],), _DTYPES[e[1]][0]) for e in packed}
+
+
+def _unpack(packed: list, blob: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays of an LZMA-packed payload; never more bytes than the header declared."""
+    total = sum(e[2] * np.dtype(_DTYPES[e[1]][1]).itemsize for e in packed)
+    dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    try:
+        raw = dec.decompress(blob.tobytes(), max_length=total + 1)
+    except lzma.LZMAError:
+        raise CheckpointError("the packed payload does not decompress; export it again") from None
+    if len(raw) != total:
+        raise CheckpointError("the packed payload's size is not the declared one; export it "
+                              "again")
+    arrays, at = {}, 0
+    for name, dt, n in packed:
+        dtype = np.dtype(_DTYPES[dt][1])
+        arrays[name] = np.frombuffer(raw, dtype=dtype, count=n, offset=at).copy()
+        at += n * dtype.itemsize
+    return arrays
 
 
 def _check_layout(header: dict, declared: dict[str, tuple[tuple[int, ...], str]],
@@ -207,6 +307,13 @@ def check_arrays(name: str, meta: dict, shape: tuple[int, ...], numel: int,
                  declared: dict[str, tuple[tuple[int, ...], str]]) -> None:
     """The arrays a layout needs exist, are 1-D, of an allowed dtype and of consistent lengths."""
     enc = meta.get("encoding")
+    if enc == "bitset":  # an index: a packed bitmap over its universe
+        universe = meta.get("universe")
+        if (not isinstance(universe, int) or isinstance(universe, bool) or len(shape) != 1
+                or not shape[0] <= universe <= MAX_TENSOR_NUMEL
+                or declared.get(f"{name}/mask") != (((universe + 7) // 8,), "U8")):
+            raise CheckpointError(f"{name}: the bitset does not fit shape {list(shape)}")
+        return
     need = {"dense": ("values",), "bitmask": ("mask", "values"), "csr": ("indptr", "indices",
             "values"), "delta8": ("gaps", "values"), "csr-delta8": ("indptr", "gaps", "values")}
     if enc not in need:

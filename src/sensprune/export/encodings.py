@@ -40,10 +40,12 @@ def _values(v: np.ndarray, fmt: str) -> tuple[np.ndarray, float | None]:
         return v.astype(np.float32), None
     if fmt == "fp16":
         return v.astype(np.float16), None
-    scale = float(np.abs(v).max()) / 127.0 if v.size else 0.0
-    if scale == 0.0:
+    # the scale as float32 (what decoding multiplies by): a short number in the header
+    scale32 = np.float32(np.abs(v).max() / np.float32(127.0)) if v.size else np.float32(0)
+    if scale32 == 0:
         return np.zeros(v.shape, np.int8), 1.0
-    return np.clip(np.round(v / scale), -127, 127).astype(np.int8), scale
+    scale = float(np.format_float_positional(scale32, unique=True))  # rounds back to scale32
+    return np.clip(np.round(v / scale32), -127, 127).astype(np.int8), scale
 
 
 def _csr(mat: np.ndarray):
@@ -109,10 +111,21 @@ def _nbytes(arrays: dict[str, np.ndarray]) -> int:
     return sum(v.nbytes for v in arrays.values())
 
 
-def _encode_tensor(name: str, t: torch.Tensor, fmt: str) -> tuple[dict, dict[str, np.ndarray], int]:
-    """(layer metadata, arrays, min(CSR, bitmask) bytes) of the smallest encoding of a tensor."""
+def _packed_bytes(arrays: dict[str, np.ndarray]) -> int:
+    """Bytes of the arrays once LZMA-compressed (how a packed export stores them)."""
+    import lzma
+    return len(lzma.compress(b"".join(a.tobytes() for a in arrays.values()),
+                             format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2,
+                                                               "preset": 9, "dict_size": 1 << 20}]))
+
+
+def _encode_tensor(name: str, t: torch.Tensor, fmt: str,
+                   compressed: bool = False) -> tuple[dict, dict[str, np.ndarray], int]:
+    """(layer metadata, arrays, min(CSR, bitmask) bytes) of the smallest encoding of a tensor
+    (smallest once compressed, with ``compressed``)."""
     cands = candidate_encodings(t, fmt)
-    enc = min(cands, key=lambda k: _nbytes(cands[k][0]))
+    size = _packed_bytes if compressed else _nbytes
+    enc = min(cands, key=lambda k: size(cands[k][0]))
     arrays, sc = cands[enc]
     meta = {"shape": list(t.shape), "encoding": enc, "nnz": int(torch.count_nonzero(t)),
             "bytes": _nbytes(arrays)}
@@ -187,3 +200,26 @@ def _decode_tensor(name: str, meta: dict, arrays: dict[str, np.ndarray]) -> torc
     else:
         raise CheckpointError(f"unknown encoding {enc!r} for {name}")
     return torch.from_numpy(out.reshape(shape))
+
+
+def encode_index(name: str, t: torch.Tensor) -> tuple[dict, dict[str, np.ndarray]]:
+    """An increasing index (a compacted chain's kept inputs) as a bitmap over 0..max."""
+    idx = t.detach().cpu().numpy().astype(np.int64).reshape(-1)
+    if idx.size and (idx[0] < 0 or (np.diff(idx) <= 0).any()):
+        raise ValueError(f"{name}: an index tensor must be increasing and >= 0")
+    universe = int(idx[-1]) + 1 if idx.size else 0
+    bits = np.zeros(universe, dtype=bool)
+    bits[idx] = True
+    meta = {"shape": [int(idx.size)], "encoding": "bitset", "universe": universe,
+            "bytes": (universe + 7) // 8}
+    return meta, {f"{name}/mask": np.packbits(bits)}
+
+
+def decode_index(name: str, meta: dict, arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    """The int64 index a bitset holds (its length checked against the declared shape)."""
+    bits = np.unpackbits(arrays[f"{name}/mask"], count=int(meta["universe"]))
+    idx = np.flatnonzero(bits)
+    if idx.size != int(meta["shape"][0]):
+        raise CheckpointError(f"{name}: the bitset holds {idx.size} entries, the header "
+                              f"declares {meta['shape'][0]}")
+    return torch.from_numpy(idx.astype(np.int64))

@@ -21,24 +21,33 @@ class SparseLinear(nn.Module):
     """A Linear layer that runs a CSR kernel, the dense kernel, or picks per batch size.
 
     ``use_sparse`` maps a batch-size bound to the choice: the first bound >= the batch size
-    decides (measured once by :func:`choose_kernels`, or fixed by density).
+    decides (measured once by :func:`choose_kernels`, or fixed by density). ``index``: the
+    layer reads only these input features (a compacted chain's ``Select`` in front of it):
+    the dense kernel selects them first, the CSR kernel reads them in place (its columns are
+    the original input's), so the selection costs nothing there.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 index: torch.Tensor | None = None, in_size: int | None = None):
         super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.out_features = weight.shape[0]
+        self.in_features = weight.shape[1] if index is None else int(in_size)
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("bias", None if bias is None else bias.contiguous())
+        self.register_buffer("index", None if index is None else index.to(torch.int64))
+        full = weight
+        if index is not None:
+            full = weight.new_zeros(weight.shape[0], self.in_features).index_copy_(1, self.index,
+                                                                                   weight)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": it works here
             warnings.simplefilter("ignore", UserWarning)
-            self.weight_csr = weight.to_sparse_csr()
+            self.weight_csr = full.to_sparse_csr()
         self.use_sparse: list[tuple[int, bool]] = [(1 << 30, weight.count_nonzero() <
                                                     0.3 * weight.numel())]
 
     def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # y^T = W x^T (+ b) with W in CSR: one sparse-dense matmul. The result is returned as
-        # a transposed view, so the next SparseLinear's x.t().contiguous() costs nothing.
-        xt = x.reshape(-1, self.in_features).t().contiguous()
+        # y^T = W x^T (+ b) with W in CSR: one sparse-dense matmul on the transposed view
+        xt = x.reshape(-1, self.in_features).t()
         if self.bias is None:
             y = torch.sparse.mm(self.weight_csr, xt)
         else:
@@ -46,6 +55,8 @@ class SparseLinear(nn.Module):
         return y.t().reshape(*x.shape[:-1], self.out_features)
 
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is not None:
+            x = x.index_select(-1, self.index)
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x):
@@ -61,21 +72,26 @@ class SparseLinear(nn.Module):
                 f"sparse={self.use_sparse}")
 
 
-def _median_time(fn, x, reps: int = 30) -> float:
-    with torch.no_grad():
-        for _ in range(5):
-            fn(x)
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn(x)
-            ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+def _interleaved(fns: dict, x, rounds: int = 15, inner: int = 10) -> dict[str, float]:
+    """Median seconds per call of each function, measured in interleaved rounds (machine
+    noise hits every candidate alike)."""
+    times = {k: [] for k in fns}
+    with torch.inference_mode():
+        for f in fns.values():
+            for _ in range(3):
+                f(x)
+        for _ in range(rounds):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    f(x)
+                times[k].append((time.perf_counter() - t0) / inner)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def choose_kernels(model: nn.Module, batch_sizes=(1, 64), reps: int = 30) -> dict:
-    """Time dense vs CSR for each SparseLinear at each batch size and keep the faster; a batch
-    size between two measured ones uses the choice of the larger one."""
+def choose_kernels(model: nn.Module, batch_sizes=(1, 64), rounds: int = 15) -> dict:
+    """Time dense vs CSR for each SparseLinear at each batch size (interleaved rounds) and keep
+    the faster; a batch size between two measured ones uses the choice of the larger one."""
     sizes = sorted(batch_sizes)
     report = {}
     for name, m in model.named_modules():
@@ -83,10 +99,10 @@ def choose_kernels(model: nn.Module, batch_sizes=(1, 64), reps: int = 30) -> dic
             choice = []
             for b in sizes:
                 x = torch.randn(b, m.in_features)
-                td = _median_time(m.dense_forward, x, reps)
-                ts = _median_time(m.sparse_forward, x, reps)
-                choice.append(ts < td)
-                report[f"{name}@{b}"] = {"dense_s": td, "sparse_s": ts, "sparse": ts < td}
+                t = _interleaved({"dense": m.dense_forward, "sparse": m.sparse_forward}, x, rounds)
+                choice.append(t["sparse"] < t["dense"])
+                report[f"{name}@{b}"] = {"dense_s": t["dense"], "sparse_s": t["sparse"],
+                                         "sparse": t["sparse"] < t["dense"]}
             m.use_sparse = [(b if i < len(sizes) - 1 else 1 << 30, c)
                             for i, (b, c) in enumerate(zip(sizes, choice))]
     return report
@@ -97,8 +113,18 @@ def build_from_export(header: dict, state: dict[str, torch.Tensor],
     """The exported network as an nn.Module: a bundled architecture is rebuilt from the
     header; any other (the user's own model) is filled into ``model``, an instance of it."""
     from ..models import MODELS, build_model
+    from .compaction import build_chain, check_select_index
 
     arch = header.get("arch") if isinstance(header.get("arch"), dict) else {}
+    if model is None and arch.get("model") == "chain":  # a compacted network: plain layers
+        model = build_chain(arch.get("layers"))
+        try:
+            model.load_state_dict(state, strict=True)
+        except Exception as exc:
+            raise CheckpointError(f"the export's tensors do not fit its layer list "
+                                  f"({type(exc).__name__}: {str(exc)[:100]})") from None
+        check_select_index(model)
+        return model.eval()
     if model is None and arch.get("model") not in MODELS:
         raise CheckpointError(f"the export holds a {arch.get('model', 'model')!r}, which is not a "
                               "bundled architecture: pass an instance of it, "
@@ -116,26 +142,59 @@ def build_from_export(header: dict, state: dict[str, torch.Tensor],
     return model.eval()
 
 
-def to_sparse_inference(model: nn.Module, kernels: str = "auto") -> nn.Module:
-    """Replace every nn.Linear by a SparseLinear (same weights); ``kernels`` = 'auto' (one
-    timing per layer), 'density' (CSR below 30 % density) or 'dense' / 'sparse'."""
+def _sparse_layers(model: nn.Module) -> list[tuple[nn.Module, str, SparseLinear, str | None]]:
+    """Every nn.Linear as a SparseLinear candidate: (parent, child name, candidate, name of a
+    Select in front of it that the candidate absorbs, or None)."""
+    from .compaction import Select
+
+    found = []
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                sl = SparseLinear(child.weight.detach(), None if child.bias is None
-                                  else child.bias.detach())
-                if kernels in ("dense", "sparse"):
-                    sl.use_sparse = [(1 << 30, kernels == "sparse")]
-                setattr(parent, child_name, sl)
-    if kernels == "auto":
-        choose_kernels(model)
-    return model.eval()
+        children = list(parent.named_children())
+        for i, (child_name, child) in enumerate(children):
+            if type(child) is not nn.Linear:
+                continue
+            prev = children[i - 1] if i > 0 and isinstance(parent, nn.Sequential) else None
+            sel = prev if prev is not None and isinstance(prev[1], Select) else None
+            bias = None if child.bias is None else child.bias.detach()
+            cand = SparseLinear(child.weight.detach(), bias,
+                                index=None if sel is None else sel[1].index,
+                                in_size=None if sel is None else sel[1].in_size)
+            found.append((parent, child_name, cand, None if sel is None else sel[0]))
+    return found
+
+
+def to_sparse_inference(model: nn.Module, kernels: str = "auto") -> nn.Module:
+    """The model for inference (eval mode), with a CSR kernel for the Linear layers where it
+    pays: ``kernels`` = 'auto' (timed per layer at batch 1 and 64: a layer stays a plain
+    nn.Linear unless CSR is faster at one of them; the timings are kept in
+    ``model.kernel_report``), 'density' (CSR below 30 % density), 'sparse' (CSR everywhere)
+    or 'dense' (the model unchanged: plain layers, for torch.jit.script, torch.compile, ONNX)."""
+    model.eval()
+    if kernels == "dense":
+        return model
+    report = {}
+    for parent, child_name, cand, sel_name in _sparse_layers(model):
+        if kernels == "sparse":
+            cand.use_sparse = [(1 << 30, True)]
+        elif kernels == "auto":
+            report.update({f"{child_name}@{k.split('@')[1]}": v
+                           for k, v in choose_kernels(cand).items()})
+        if not any(sparse for _, sparse in cand.use_sparse):
+            continue  # the dense kernel everywhere: keep the plain layer (and its Select)
+        setattr(parent, child_name, cand)
+        if sel_name is not None:  # the CSR kernel reads the selected inputs in place
+            setattr(parent, sel_name, nn.Identity())
+    model.kernel_report = report
+    return model
 
 
 def load(path: str | Path, kernels: str = "auto", model: nn.Module | None = None) -> nn.Module:
     """An exported file as an ``nn.Module`` ready for inference (eval mode, no grad needed).
 
-    ``kernels``: 'auto' (per-layer timing at batch 1 and 64), 'density', 'dense', 'sparse'.
+    A compacted export (``sensprune export --compact``) comes back as a plain
+    ``nn.Sequential`` of smaller layers. ``kernels``: 'auto' (CSR only for the Linear layers
+    where it is measured faster, at batch 1 or 64), 'density', 'dense' (no CSR: plain
+    modules for ``torch.jit.script``, ``torch.compile`` and ONNX), 'sparse'.
     ``model``: for an export of your own architecture, an instance of it to fill (the bundled
     ones are rebuilt from the file's header).
     """
@@ -147,24 +206,24 @@ def load(path: str | Path, kernels: str = "auto", model: nn.Module | None = None
 
 
 def bench_inference(path: str | Path, batch_sizes=(1, 64), reps: int = 200) -> dict:
-    """Latency of dense vs sparse kernels, per Linear layer and for the whole model."""
+    """Latency of dense vs CSR kernels, per Linear layer and for the whole model (medians of
+    interleaved rounds; ``reps`` calls in all per candidate)."""
     header, state = read(path)
     rows = []
     whole = {}
     variants = {k: to_sparse_inference(build_from_export(header, state), k)
                 for k in ("dense", "sparse", "auto")}
     shape = tuple(header["arch"]["input_shape"])
+    rounds = max(3, reps // 10)
     for b in batch_sizes:
-        for name, m in variants["dense"].named_modules():
-            if isinstance(m, SparseLinear):
-                x = torch.randn(b, m.in_features)
-                td = _median_time(m.dense_forward, x, reps)
-                ts = _median_time(m.sparse_forward, x, reps)
-                rows.append({"layer": name, "batch": b, "density":
-                             float(m.weight.count_nonzero()) / m.weight.numel(),
-                             "dense_us": td * 1e6, "sparse_us": ts * 1e6, "speedup": td / ts})
-        x = torch.randn(b, *shape)
-        for k, model in variants.items():
-            whole[f"{k}@{b}"] = _median_time(model, x, reps) * 1e6
+        for _, name, m, _ in _sparse_layers(build_from_export(header, state).eval()):
+            x = torch.randn(b, m.in_features)
+            t = _interleaved({"dense": m.dense_forward, "sparse": m.sparse_forward}, x, rounds)
+            rows.append({"layer": name, "batch": b, "density":
+                         float(m.weight.count_nonzero()) / m.weight.numel(),
+                         "dense_us": t["dense"] * 1e6, "sparse_us": t["sparse"] * 1e6,
+                         "speedup": t["dense"] / t["sparse"]})
+        t = _interleaved(variants, torch.randn(b, *shape), rounds)
+        whole.update({f"{k}@{b}": v * 1e6 for k, v in t.items()})
     return {"file": str(path), "layers": rows, "model_us": whole, "reps": reps,
             "threads": torch.get_num_threads(), "torch": torch.__version__}

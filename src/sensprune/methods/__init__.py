@@ -12,12 +12,14 @@ from .gmp import GradualMagnitude
 from .l1 import L1Decay
 from .l2 import L2Decay
 from .magnitude import MagnitudeRetrain
+from .neuron import GroupLasso, NeuronSensitivity
 from .none import Dense
 from .sensitivity import Sensitivity
 from .sparse_vd import SparseVD
 
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (
-    Dense, Sensitivity, L2Decay, L1Decay, MagnitudeRetrain, GradualMagnitude, SparseVD)}
+    Dense, Sensitivity, L2Decay, L1Decay, MagnitudeRetrain, GradualMagnitude, SparseVD,
+    NeuronSensitivity, GroupLasso)}
 METHOD_NAMES = tuple(REGISTRY)
 
 
@@ -32,4 +34,4 @@ def make_method(cfg, ctx: MethodContext) -> Method:
 
 __all__ = ["Method", "MethodContext", "REGISTRY", "METHOD_NAMES", "method_class", "make_method",
            "Dense", "Sensitivity", "L2Decay", "L1Decay", "MagnitudeRetrain", "GradualMagnitude",
-           "SparseVD"]
+           "SparseVD", "NeuronSensitivity", "GroupLasso"]
