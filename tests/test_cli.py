@@ -107,7 +107,7 @@ def test_reproduce_cli_errors():
 
 def test_every_setting_has_one_train_option_and_every_option_is_a_setting():
     """The train options are generated from TrainConfig's declarations and read back by field
-    name (cmd_train): every setting but the library-only `extra` has exactly one option, no
+    name (cmd_train): every setting has exactly one option, no
     option is something else, and the choices come from config.CHOICES."""
     import dataclasses
 
@@ -120,7 +120,7 @@ def test_every_setting_has_one_train_option_and_every_option_is_a_setting():
     dests = {a.dest: a for a in train._actions if a.dest != "help"}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(dests) - fields == {"recipe", "resume", "overwrite", "compare"}
-    assert fields - set(dests) == {"extra"}
+    assert fields - set(dests) == set()
     for key, allowed in CHOICES.items():
         assert tuple(dests[key].choices) == allowed, key
 

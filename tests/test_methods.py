@@ -48,7 +48,8 @@ def test_registry_builds_every_method_with_its_flags():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         ctx = MethodContext(model, opt, Pruner(model, optimizer=opt), 10, 100)
     assert not REGISTRY["none"].sparsifies and REGISTRY["sensitivity"].uses_threshold
-    assert {n for n, c in REGISTRY.items() if c.uses_lam} == {"sensitivity", "l2", "l1"}
+    assert {n for n, c in REGISTRY.items() if c.uses_lam} == {"sensitivity", "l2", "l1", "neuron",
+                                                              "group_lasso"}
 
 
 def test_a_new_method_is_one_class_and_one_registry_entry(tmp_path):

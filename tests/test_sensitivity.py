@@ -265,7 +265,7 @@ def test_frozen_observe_keeps_the_training_backward_usable():
 def test_both_conv_engines_match_brute_force(conv, rows):
     """unfold + bmm and the grouped weight-gradient convolution give the same per-sample
     |gradient| sums as one autograd pass per sample and output row."""
-    from sensprune.sensitivity import _conv_grouped, _conv_unfold
+    from sensprune.sensitivity.engines.conv import _conv_grouped, _conv_unfold
 
     torch.manual_seed(0)
     shape = (5, 3, 17, 17) if isinstance(conv, nn.Conv2d) else (5, 3, 23)
@@ -293,7 +293,8 @@ def test_lstm_takes_the_fast_path_and_keeps_its_output():
     recorder substitutes gives nn.LSTM's own output and state."""
     import sys
 
-    engine = sys.modules["sensprune.sensitivity"]
+    engine = sys.modules["sensprune.sensitivity.engines.lstm"]
+    definition = sys.modules["sensprune.sensitivity.definition"]
     model = StackedLSTM()
     x = torch.randn(3, 6, 5).transpose(0, 1)
     h0 = torch.randn(2, 3, 6)
@@ -306,17 +307,17 @@ def test_lstm_takes_the_fast_path_and_keeps_its_output():
     assert [r[0] for r in records] == [0, 1]
 
     seen = []
-    generic = engine._generic
+    generic = definition.generic_sensitivity
 
     def spy(y, alpha, params, *args, **kwargs):
         seen.extend(p.shape for p in params)
         return generic(y, alpha, params, *args, **kwargs)
 
-    engine._generic = spy
+    definition.generic_sensitivity = spy
     try:
         for kind in ("specific", "unspecific"):
             sensitivity(LSTMClassifier(hidden=8), torch.randn(3, 1, 28, 28),
                         torch.tensor([1, 2, 3]), kind=kind)
     finally:
-        engine._generic = generic
+        definition.generic_sensitivity = generic
     assert seen == []

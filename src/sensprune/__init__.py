@@ -3,6 +3,7 @@
 
 Public API:
     sensitivity(model, inputs, targets, kind=..., reduction=..., outputs=...) -> {name: S}
+    compact                 a pruned chain network as a smaller dense one, same outputs
     SensitivityRegularizer  the update w <- w - lam * w * max(floor, 1 - S), any optimizer
     Pruner                  thresholds, masks kept in place, automatic threshold search
     sparsity_report         per-layer zero counts of a model
@@ -14,16 +15,17 @@ from ._version import __version__
 from .config import TrainConfig, make_config
 from .data import load_dataset
 from .errors import SensPruneError
+from .export import compact_model as compact
 from .export import export, load
 from .models import build_model, prunable_weights
 from .pruning import Pruner, sparsity_report
 from .regularizer import SensitivityRegularizer
-from .sensitivity import sensitivity
+from . import sensitivity  # the package; calling it calls sensitivity.sensitivity
 from .reproduce import reproduce
 from .train import evaluate, train
 
 __all__ = [
     "sensitivity", "SensitivityRegularizer", "Pruner", "sparsity_report", "build_model",
     "prunable_weights", "load_dataset", "make_config", "TrainConfig", "train", "evaluate",
-    "SensPruneError", "export", "load", "reproduce", "__version__",
+    "SensPruneError", "compact", "export", "load", "reproduce", "__version__",
 ]

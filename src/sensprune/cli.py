@@ -186,15 +186,7 @@ def cmd_train(args) -> int:
     # every option whose name is a setting overrides it (unset options are None: no override)
     overrides = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}
     cfg = make_config(args.recipe, **overrides)
-    if args.resume and not (Path(cfg.out) / "checkpoint.pt").exists():
-        raise SensPruneError(f"--resume: no checkpoint in {cfg.out}; run without --resume "
-                             "first or pass the right --out")
-    from .distributed import cleanup
-
-    try:
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    finally:
-        cleanup()
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if "test_error" in summary:  # rank 0 (or the only process) reports
         print(summary_markdown(summary))
         print(f"wrote {cfg.out}/summary.json, summary.md, model.pt, checkpoint.pt, metrics.jsonl")

@@ -149,8 +149,6 @@ class TrainConfig:
     workers: int = setting(0, "DataLoader worker processes (ImageFolder datasets)", min=0)
     device: str = setting("auto", "auto (CUDA when available), cpu or cuda")
     amp: bool = setting(True, "bfloat16 autocast on CUDA", flag="--no-amp")
-    extra: dict[str, Any] = setting(help="free-form values for library use", cli=False,
-                                    default_factory=dict)
 
     def validate(self) -> "TrainConfig":
         self._check_types()
@@ -225,6 +223,8 @@ NOT_RESULT = ("threads", "progress", "workers", "data_dir", "out", "device")
 # Settings whose default changed: a run saved before the setting existed has no key for it
 # and ran with the value here, not with today's default.
 EARLIER_DEFAULTS: dict[str, Any] = {"decay_floor": 0.0}
+# Settings that no longer exist (saved runs still carry them; they never changed a result)
+REMOVED_SETTINGS = ("extra",)
 
 
 def _defaults() -> dict[str, Any]:
@@ -235,7 +235,8 @@ def _defaults() -> dict[str, Any]:
 def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved run's config as it ran: keys it lacks take their earlier default, if one
     changed since, else today's."""
-    return {**_defaults(), **EARLIER_DEFAULTS, **saved}
+    return {**_defaults(), **EARLIER_DEFAULTS,
+            **{k: v for k, v in saved.items() if k not in REMOVED_SETTINGS}}
 
 
 # Settings that only some methods read (method names), and those that only the loop's

@@ -43,7 +43,8 @@ from .distributed import active as dist_active
 from .errors import ConfigError
 from .models import current_params, select_params  # noqa: F401  (select_params: re-exported)
 from .sensitivity import (BATCHNORM_MODES, LayerRecorder, alpha_matrix, check_options, compute,
-                          samples_coupled, sensitivity)
+                          samples_coupled)
+from .sensitivity import sensitivity as sensitivity_of
 
 NORMALIZE = ("none", "mean", "max", "quantile")
 SOURCES = ("outputs", "loss")
@@ -195,7 +196,7 @@ class SensitivityRegularizer:
         self._set(self._sensitivity(inputs, targets))
 
     def _sensitivity(self, inputs, targets, distributed: bool = False):
-        return sensitivity(self.model, inputs, targets, kind=self.kind, reduction=self.reduction,
+        return sensitivity_of(self.model, inputs, targets, kind=self.kind, reduction=self.reduction,
                            outputs=self.outputs, params=list(self.params),
                            output_samples=self.output_samples, generator=self.generator,
                            batchnorm=self.batchnorm, distributed=distributed)

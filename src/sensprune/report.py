@@ -193,6 +193,11 @@ def group_rows(rows: list[dict], order: list[str], missing: dict[str, str],
             mean = sum(vals) / len(vals)
             std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
             entry[key] = {"mean": mean, "std": std, "min": min(vals), "max": max(vals)}
+        if all(r.get("compact_macs") for r in g):  # multiply-adds after compaction
+            vals = [float(r["compact_macs"]) for r in g]
+            mean = sum(vals) / len(vals)
+            entry["compact_macs"] = {"mean": mean, "dense": g[0]["macs"], "std": (
+                sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0}
         entry["remaining_per_layer"] = {
             n: sum(r["remaining_per_layer"][n] for r in g) / len(g)
             for n in g[0]["remaining_per_layer"]}
@@ -224,8 +229,9 @@ def comparison_markdown(result: dict) -> str:
              f"{result.get('finished', '?')}." + _reuse_note(rows), "",
              "Mean ± sample standard deviation over the seeds listed; compression = weights / "
              "nonzero weights; remaining % per layer is the mean over the seeds.", ""]
+    with_macs = any(g.get("compact_macs") for g in groups)
     head = ["method", "λ", "seeds", "compression", "test err %", "val err %"] + \
-        [f"{n} %" for n in layers] + ["epochs"]
+        (["multiply-adds compacted"] if with_macs else []) + [f"{n} %" for n in layers] + ["epochs"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         name = g["label"] + (f" ({g['note']})" if g.get("note") else "")
@@ -238,7 +244,8 @@ def comparison_markdown(result: dict) -> str:
         cells = [name, f"{g['lam']:g}" if g.get("lam") is not None else "",
                  ",".join(str(sd) for sd in g["seeds"]),
                  _pm(g["compression_ratio"], ".1f", "x"), _pm(g["test_error"]),
-                 _pm(g["val_error"])] + \
+                 _pm(g["val_error"])] + (
+            [_macs(g.get("compact_macs"))] if with_macs else []) + \
             [f"{g['remaining_per_layer'].get(n, float('nan')):.2f}" for n in layers] + [str(g["epochs"])]
         lines.append("| " + " | ".join(cells) + " |")
     if result["published"]:
@@ -262,6 +269,13 @@ def comparison_markdown(result: dict) -> str:
             lines.append(f"| {r['label']} | " + " | ".join(pts) + " |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _macs(m: dict | None) -> str:
+    """Mean multiply-adds per sample after compaction, and how many times fewer than dense."""
+    if not m:
+        return ""
+    return f"{m['mean'] / 1000:.1f}k ({m['dense'] / m['mean']:.1f}x fewer)"
 
 
 def _reuse_note(rows: list[dict]) -> str:

@@ -157,6 +157,7 @@ def reproduce(
         if state is not None:
             export_compact(cfg, state, splits[1].info, s)
         curve = prune_further_curve(cfg, state, splits[1]) if state is not None else []
+        macs = compacted_macs(cfg, state, splits[1].info) if state is not None else None
         rows.append({
             "run": how, "curve": curve, "label": label, "method": cfg.method,
             "remaining_per_layer": s["remaining_per_layer"],
@@ -166,6 +167,7 @@ def reproduce(
             "epochs": s["epochs"], "run_dir": str(Path(cfg.out).relative_to(out)),
             "lam": cfg.lam if method_class(cfg.method).uses_lam else None,
             "seed": cfg.seed, "group": base, "note": notes.get(base, ""),
+            **({"macs": macs[0], "compact_macs": macs[1]} if macs else {}),
         })
     result = {
         "experiment": experiment, "quick": quick, "rows": rows,
@@ -221,6 +223,20 @@ def export_compact(cfg, state: dict[str, torch.Tensor], info, summary: dict) -> 
                   "normalization": {"mean": info.mean, "std": info.std},
                   "summary": {k: summary[k] for k in ("test_error", "val_error",
                               "compression_ratio", "nonzero_params", "total_params")}})
+
+
+def compacted_macs(cfg, state: dict[str, torch.Tensor], info) -> tuple[int, int] | None:
+    """Multiply-adds per sample of the model as trained and after exact compaction (None for
+    a network compaction does not handle, e.g. a residual one)."""
+    from .export import NotCompactable, compact_model
+
+    model = build_model(cfg.model, info.num_classes, info.input_shape)
+    model.load_state_dict(state)
+    try:
+        _, rep = compact_model(model, info.input_shape)
+    except NotCompactable:
+        return None
+    return rep["before"]["macs"], rep["after"]["macs"]
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ from .config import TrainConfig
 from .data import Splits, batches, load_dataset, num_samples
 from .errors import ConfigError, SensPruneError, TrainingDiverged
 from .models import build_model, use_channels_last
-from .pruning import Pruner, ThresholdPolicy, sparsity_report
-from .methods import MethodContext, make_method, method_class
+from .pruning import Pruner, sparsity_report
+from .methods import EpochEnd, MethodContext, make_method, method_class
 from .checkpoint import (CHECKPOINT, restore_run, save_atomic, save_run, state_digest,
                          write_text_atomic)
 from .report import summary_markdown
@@ -126,12 +127,26 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
     unless ``overwrite`` (or ``resume``, which must then find the same settings).
     ``stop_after_epoch`` ends the process-equivalent early (used to test resume).
     """
+    if resume and not (Path(cfg.out) / CHECKPOINT).exists():
+        raise ConfigError(f"--resume: no checkpoint in {cfg.out}; run without --resume first "
+                          "or pass the right --out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # decayed weights pass through subnormal floats on their way to the threshold, and CPU
     # arithmetic on subnormals is ~100x slower (a LeNet-300 epoch went from 3 s to 20 s)
     torch.set_flush_denormal(True)
+    joined = ddp.active()  # a process group the caller made is the caller's to tear down
     info = ddp.setup()
+    try:
+        return _claimed(cfg, info, resume, splits, stop_after_epoch, log, overwrite)
+    finally:
+        if not joined:
+            ddp.cleanup()
+
+
+def _claimed(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits | None,
+             stop_after_epoch: int | None, log, overwrite: bool) -> dict:
+    """Claim ``cfg.out`` on every rank (or on none), then train."""
     with contextlib.ExitStack() as stack:
         error = run_claim = None
         try:
@@ -146,15 +161,31 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
                       log if info.is_main else (lambda *_: None), run_claim)  # rank 0 reports
 
 
-def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits | None,
-           stop_after_epoch: int | None, log, run_claim) -> dict:
+@dataclass
+class _Run:
+    """What one training run holds, built once by :func:`_setup`."""
+    cfg: TrainConfig
+    out: Path
+    splits: Splits
+    model: nn.Module
+    net: nn.Module  # the model, or its DDP wrapper for the forward
+    device: torch.device
+    opt: torch.optim.Optimizer
+    sched: Any
+    pruner: Pruner
+    method: Any
+    state: dict
+    steps_per_epoch: int
+
+
+def _setup(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits | None,
+           log, run_claim) -> _Run:
+    """Data, model, optimizer, pruner and method; the checkpoint restored, or a fresh start."""
     out = Path(cfg.out)
     splits = splits or load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
-
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.info.num_classes, splits.info.input_shape)
     device = resolve_device(cfg.device, info)
-    use_amp = cfg.amp and device.type == "cuda"
     model.to(device)
     use_channels_last(model, splits.info.input_shape)  # conv nets, every device
     opt = make_optimizer(cfg, model.parameters())
@@ -163,7 +194,8 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
         _init_from(cfg, model, pruner)
     steps_per_epoch = math.ceil(num_samples(splits.train) / cfg.batch_size)
     method = make_method(cfg, MethodContext(model, opt, pruner, steps_per_epoch,
-                                            num_samples(splits.train)))
+                                            num_samples(splits.train), is_main=info.is_main,
+                                            broadcast=ddp.broadcast_float))
     extra = method.extra_params()  # Sparse VD's log sigma^2
     if extra:
         opt.add_param_group({"params": extra, "weight_decay": 0.0})
@@ -173,7 +205,6 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     sched = make_scheduler(cfg, opt)
-
     state: dict[str, Any] = {"epoch": 0, "train_seconds": 0.0, "reference_val_error": None,
                              "thresholds": []}
     ckpt_path = out / CHECKPOINT
@@ -181,118 +212,142 @@ def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
         state = restore_run(ckpt_path, cfg, model, opt, sched, method, pruner, device)
         _truncate_metrics(out / "metrics.jsonl", state["epoch"])
         log(f"resumed from {ckpt_path} at epoch {state['epoch']}")
-    else:  # a fresh start (also --resume with no checkpoint yet): no history to keep
+    else:  # a fresh start: no history to keep
         # everything is checked by now (settings, data, model, device): the old run, if this
         # one replaces it, moves aside, and goes for good after the first checkpoint
         run_claim.replace_previous()
         if info.is_main:
             (out / "metrics.jsonl").unlink(missing_ok=True)
+    return _Run(cfg, out, splits, model, net, device, opt, sched, pruner, method, state,
+                steps_per_epoch)
 
-    policy = ThresholdPolicy(pruner, cfg.threshold, cfg.threshold_mode, cfg.val_budget,
-                             cfg.threshold_ref, cfg.prune_patience, cfg.prune_every,
-                             is_main=info.is_main, broadcast=ddp.broadcast_float,
-                             target_sparsity=cfg.target_sparsity,
-                             sparsify_epochs=cfg.sparsify_epochs)
-    for epoch in range(state["epoch"], cfg.epochs):
-        phase = phase_of(cfg, epoch)
+
+def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits | None,
+           stop_after_epoch: int | None, log, run_claim) -> dict:
+    run = _setup(cfg, info, resume, splits, log, run_claim)
+    for epoch in range(run.state["epoch"], cfg.epochs):
+        phase, next_phase = phase_of(cfg, epoch), phase_of(cfg, epoch + 1)
         if phase == "finetune" and cfg.finetune_lr > 0:
-            sched = None  # the fine-tuning phase runs at its own rate
-            for group in opt.param_groups:
+            run.sched = None  # the fine-tuning phase runs at its own rate
+            for group in run.opt.param_groups:
                 group["lr"] = finetune_lr(cfg, epoch)
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout etc.: reproducible per epoch
-        model.train()
         t0 = time.perf_counter()
-        loss_sum = wrong = seen = 0
-        it = batches(splits.train, cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch,
-                     augment=splits.augment, workers=cfg.workers)
-        bar = _progress(it, steps_per_epoch, cfg.progress and info.is_main, f"epoch {epoch + 1}/{cfg.epochs} {phase}")
-        active = phase == "sparsify"
-        for x, y in bar if bar is not None else it:
-            n_global = len(y)
-            if info.enabled:  # this rank's slice of the global batch
-                part = ddp.shard(n_global, info)
-                x, y = x[part], y[part]
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
-            with method.observe(y) if active else contextlib.nullcontext(), \
-                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = net(x)
-            logits = logits.float()
-            # sum / global batch size, times world size because DDP averages over ranks:
-            # the gradient is exactly that of the mean loss over the global batch
-            loss_sum_batch = F.cross_entropy(logits, y, reduction="sum")
-            loss = loss_sum_batch * (info.world_size / n_global)
-            (loss + method.penalty() if active else loss).backward()
-            opt.step()
-            if active:
-                method.step()
-            pruner.apply()
-            # one sync per step, needed anyway for the running loss. Checked after the step, so
-            # that under DDP every rank has finished its all-reduce before any of them stops
-            batch_loss = float(loss_sum_batch.detach())
-            if not ddp.finite_everywhere(loss_sum_batch, batch_loss):  # all stop at this step
-                raise _diverged(cfg, out, epoch, f"step {seen // max(len(y), 1) + 1}",
-                                f"the loss is {batch_loss}" if not math.isfinite(batch_loss)
-                                else "another rank's loss is not finite")
-            loss_sum += batch_loss
-            wrong += int((logits.argmax(1) != y).sum())
-            seen += len(y)
-            if bar is not None and (seen // max(len(y), 1)) % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{100 * wrong / seen:.2f}%",
-                                remain=f"{100 * pruner.nonzero() / max(1, _numel(pruner)):.1f}%")
-        if bar is not None:
-            bar.close()
-        if sched is not None:
-            sched.step()
-
-        threshold = None
-        last_sparsify = active and phase_of(cfg, epoch + 1) != "sparsify"
-        if active and method.uses_threshold:
-            threshold = policy.end_epoch(state, epoch + 1 - cfg.warmup_epochs, last_sparsify,
-                                         lambda: evaluate(model, splits.val))
-            if threshold is not None:  # every rank holds rank 0's masks
-                ddp.broadcast_masks(pruner.masks)
-                pruner.apply()
-        if last_sparsify:
-            method.end_phase()
-        state["train_seconds"] += time.perf_counter() - t0
-
-        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        train_loss, train_error = _train_epoch(run, info, epoch, phase)
+        threshold = _epoch_end(run, epoch, phase, next_phase)
+        run.state["train_seconds"] += time.perf_counter() - t0
+        bad = [n for n, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:  # before the checkpoint: the last good one stays on disk
-            raise _diverged(cfg, out, epoch, "its end", f"{bad[0]} holds NaN or inf values")
-        state["epoch"] = epoch + 1
+            raise _diverged(cfg, run.out, epoch, "its end", f"{bad[0]} holds NaN or inf values")
+        run.state["epoch"] = epoch + 1
         if info.is_main:
-            val_err, _ = evaluate(model, splits.val)
-            test_err, _ = evaluate(model, splits.test)
-            policy.record(state, val_err, sparsification_starts=(
-                phase == "warmup" and phase_of(cfg, epoch + 1) == "sparsify"))
-            sp = sparsity_report(model)
-            record = {
-                "epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(seen, 1),
-                "train_error": 100.0 * wrong / max(seen, 1), "val_error": val_err,
-                "test_error": test_err, "remaining_percent": sp["remaining_percent"],
-                "compression_ratio": sp["compression_ratio"], "threshold": threshold,
-                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-                **(method.epoch_stats() if phase == "sparsify" else {}),
-            }
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
-            log(f"epoch {epoch + 1:3d}/{cfg.epochs} {phase:8s} loss {record['train_loss']:.4f} "
-                f"val {val_err:5.2f}% test {test_err:5.2f}% remaining "
-                f"{sp['remaining_percent']:6.2f}% ({sp['compression_ratio']:.1f}x)"
-                + (f" T={threshold:.3g}" if threshold is not None else ""))
-            save_run(ckpt_path, cfg, model, opt, sched, method, pruner, state)
-            record_files(out, CHECKPOINT, "metrics.jsonl")
+            _record_epoch(run, epoch, phase, next_phase, (train_loss, train_error), threshold,
+                          time.perf_counter() - t0, log)
             run_claim.commit()
         ddp.barrier()  # the checkpoint exists for every rank before anyone goes on
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             return {"stopped_at_epoch": epoch + 1}
-
-    result = finish(cfg, model, splits, state, out) if info.is_main else {"rank": info.rank}
+    result = finish(cfg, run.model, run.splits, run.state, run.out) if info.is_main \
+        else {"rank": info.rank}
     # every rank leaves together: a rank that tears its process group down while rank 0 is
     # still writing the summary can abort in gloo's threads
     ddp.barrier()
     return result
+
+
+def _train_epoch(run: _Run, info: "ddp.DistInfo", epoch: int, phase: str) -> tuple[float, float]:
+    """One pass over the training data; (mean loss, error %) of what it saw."""
+    cfg, model, method, opt = run.cfg, run.model, run.method, run.opt
+    use_amp = cfg.amp and run.device.type == "cuda"
+    torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout etc.: reproducible per epoch
+    model.train()
+    loss_sum = wrong = seen = 0
+    it = batches(run.splits.train, cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch,
+                 augment=run.splits.augment, workers=cfg.workers)
+    bar = _progress(it, run.steps_per_epoch, cfg.progress and info.is_main,
+                    f"epoch {epoch + 1}/{cfg.epochs} {phase}")
+    active = phase == "sparsify"  # the method acts in the sparsification phase only
+    for x, y in bar if bar is not None else it:
+        n_global = len(y)
+        if info.enabled:  # this rank's slice of the global batch
+            part = ddp.shard(n_global, info)
+            x, y = x[part], y[part]
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        with method.observe(y) if active else contextlib.nullcontext(), \
+                torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = run.net(x)
+        logits = logits.float()
+        # sum / global batch size, times world size because DDP averages over ranks:
+        # the gradient is exactly that of the mean loss over the global batch
+        loss_sum_batch = F.cross_entropy(logits, y, reduction="sum")
+        loss = loss_sum_batch * (info.world_size / n_global)
+        (loss + method.penalty() if active else loss).backward()
+        opt.step()
+        if active:
+            method.step()
+        run.pruner.apply()
+        # one sync per step, needed anyway for the running loss. Checked after the step, so
+        # that under DDP every rank has finished its all-reduce before any of them stops
+        batch_loss = float(loss_sum_batch.detach())
+        if not ddp.finite_everywhere(loss_sum_batch, batch_loss):  # all stop at this step
+            raise _diverged(cfg, run.out, epoch, f"step {seen // max(len(y), 1) + 1}",
+                            f"the loss is {batch_loss}" if not math.isfinite(batch_loss)
+                            else "another rank's loss is not finite")
+        loss_sum += batch_loss
+        wrong += int((logits.argmax(1) != y).sum())
+        seen += len(y)
+        if bar is not None and (seen // max(len(y), 1)) % 20 == 0:
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{100 * wrong / seen:.2f}%",
+                            remain=f"{100 * run.pruner.nonzero() / max(1, _numel(run.pruner)):.1f}%")
+    if bar is not None:
+        bar.close()
+    if run.sched is not None:
+        run.sched.step()
+    return loss_sum / max(seen, 1), 100.0 * wrong / max(seen, 1)
+
+
+def _epoch_end(run: _Run, epoch: int, phase: str, next_phase: str) -> float | None:
+    """The method's epoch-end decision in the sparsification phase (the threshold it applied,
+    if any), and the end of that phase."""
+    if phase != "sparsify":
+        return None
+    last = next_phase != "sparsify"
+    threshold = run.method.epoch_end(EpochEnd(run.state, epoch + 1 - run.cfg.warmup_epochs, last,
+                                              lambda: evaluate(run.model, run.splits.val)))
+    if threshold is not None:  # every rank holds rank 0's masks
+        ddp.broadcast_masks(run.pruner.masks)
+        run.pruner.apply()
+    if last:
+        run.method.end_phase()
+    return threshold
+
+
+def _record_epoch(run: _Run, epoch: int, phase: str, next_phase: str,
+                  train: tuple[float, float], threshold: float | None, seconds: float,
+                  log) -> None:
+    """Rank 0: evaluate, append the metrics line, log it, write the checkpoint."""
+    val_err, _ = evaluate(run.model, run.splits.val)
+    test_err, _ = evaluate(run.model, run.splits.test)
+    run.method.record_epoch(run.state, val_err, sparsification_starts=(
+        phase == "warmup" and next_phase == "sparsify"))
+    sp = sparsity_report(run.model)
+    record = {
+        "epoch": epoch + 1, "phase": phase, "train_loss": train[0], "train_error": train[1],
+        "val_error": val_err, "test_error": test_err,
+        "remaining_percent": sp["remaining_percent"],
+        "compression_ratio": sp["compression_ratio"], "threshold": threshold,
+        "lr": run.opt.param_groups[0]["lr"], "seconds": seconds,
+        **(run.method.epoch_stats() if phase == "sparsify" else {}),
+    }
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+    log(f"epoch {epoch + 1:3d}/{run.cfg.epochs} {phase:8s} loss {train[0]:.4f} "
+        f"val {val_err:5.2f}% test {test_err:5.2f}% remaining "
+        f"{sp['remaining_percent']:6.2f}% ({sp['compression_ratio']:.1f}x)"
+        + (f" T={threshold:.3g}" if threshold is not None else ""))
+    save_run(run.out / CHECKPOINT, run.cfg, run.model, run.opt, run.sched, run.method,
+             run.pruner, run.state)
+    record_files(run.out, CHECKPOINT, "metrics.jsonl")
 
 
 def finetune_lr(cfg: TrainConfig, epoch: int) -> float:

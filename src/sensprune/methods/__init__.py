@@ -7,7 +7,8 @@ interface. A new method is one file in this package plus one entry in ``REGISTRY
 
 from __future__ import annotations
 
-from .base import Method, MethodContext
+from ..pruning import ThresholdPolicy
+from .base import EpochEnd, Method, MethodContext
 from .gmp import GradualMagnitude
 from .l1 import L1Decay
 from .l2 import L2Decay
@@ -20,7 +21,6 @@ from .sparse_vd import SparseVD
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (
     Dense, Sensitivity, L2Decay, L1Decay, MagnitudeRetrain, GradualMagnitude, SparseVD,
     NeuronSensitivity, GroupLasso)}
-METHOD_NAMES = tuple(REGISTRY)
 
 
 def method_class(name: str) -> type[Method]:
@@ -28,10 +28,17 @@ def method_class(name: str) -> type[Method]:
 
 
 def make_method(cfg, ctx: MethodContext) -> Method:
-    """The method named by ``cfg.method``, built for the model and optimizer in ``ctx``."""
-    return REGISTRY[cfg.method].from_config(cfg, ctx)
+    """The method named by ``cfg.method``, built for the model and optimizer in ``ctx``; a
+    method that thresholds gets the policy the settings describe."""
+    method = REGISTRY[cfg.method].from_config(cfg, ctx)
+    if method.uses_threshold and method.policy is None:
+        method.policy = ThresholdPolicy(
+            ctx.pruner, cfg.threshold, cfg.threshold_mode, cfg.val_budget, cfg.threshold_ref,
+            cfg.prune_patience, cfg.prune_every, is_main=ctx.is_main, broadcast=ctx.broadcast,
+            target_sparsity=cfg.target_sparsity, sparsify_epochs=cfg.sparsify_epochs)
+    return method
 
 
-__all__ = ["Method", "MethodContext", "REGISTRY", "METHOD_NAMES", "method_class", "make_method",
+__all__ = ["EpochEnd", "Method", "MethodContext", "REGISTRY", "method_class", "make_method",
            "Dense", "Sensitivity", "L2Decay", "L1Decay", "MagnitudeRetrain", "GradualMagnitude",
            "SparseVD", "NeuronSensitivity", "GroupLasso"]

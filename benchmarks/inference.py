@@ -1,0 +1,132 @@
+"""Inference latency of pruned models: dense vs each engine, before and after compaction.
+
+For each model (committed compact exports of `results/`, or any exports given), at batch 1
+and 64, with one thread and with all threads, the median latency over interleaved rounds of
+  dense        the network as trained (zeros included), plain nn.Linear / nn.Conv2d
+  csr          the same network, every Linear layer on torch's CSR kernel
+  compact      the exactly compacted network (``sensprune export --compact``), plain layers
+  compact+auto the compacted network as ``sensprune.load`` returns it: CSR only for the
+               Linear layers where it was measured faster
+and each one's speed-up over dense. Before timing, every variant's predictions are checked
+against the dense network on 2,000 test images (they must agree exactly: the same argmax).
+Prints a table, writes JSON.
+
+    python benchmarks/inference.py [--rounds 21] [--json results/inference.json] [FILES...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sensprune.data import load_dataset
+from sensprune.export import build_from_export, compact_model, read, to_sparse_inference
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS = [  # (label, export): about 50x, 100x, 150x / 200x of each network
+    ("lenet300 50x", "results/lenet300/sensitivity-50x/model.safetensors"),
+    ("lenet300 100x", "results/lenet300/sensitivity-100x/model.safetensors"),
+    ("lenet300 150x", "results/lenet300/sensitivity-150x/model.safetensors"),
+    ("lenet300 200x", "results/lenet300/sensitivity-200x/model.safetensors"),
+    ("lenet300 neuron", "results/lenet300/neuron-group-100x/model.safetensors"),
+    ("lenet5 100x", "results/lenet5/l2-100x/model.safetensors"),
+    ("lenet5 150x", "results/lenet5/sensitivity-150x/model.safetensors"),
+    ("lenet5 200x", "results/lenet5/sensitivity-200x/model.safetensors"),
+]
+
+
+def variants(path: Path) -> tuple[dict[str, torch.nn.Module], dict, tuple[int, ...]]:
+    header, state = read(path)
+    shape = tuple(header["arch"]["input_shape"])
+    dense = build_from_export(header, state).eval()
+    chain, rep = compact_model(dense, shape)
+    torch.set_num_threads(1)  # kernel choices measured at one thread
+    return ({"dense": dense, "csr": to_sparse_inference(copy.deepcopy(dense), "sparse"),
+             "compact": chain, "compact+auto": to_sparse_inference(copy.deepcopy(chain), "auto")},
+            {"macs": rep["before"]["macs"], "compact_macs": rep["after"]["macs"],
+             "shapes": [layer["shape"] for layer in rep["after"]["layers"]],
+             "dataset": header.get("dataset", "mnist")}, shape)
+
+
+def timed(models: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median microseconds per call, candidates interleaved within every round."""
+    inner = max(1, int(2e-3 / max(1e-6, _once(models["dense"], x))))
+    times = {k: [] for k in models}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    m(x)
+                times[k].append((time.perf_counter() - t0) / inner)
+    return {k: 1e6 * float(np.median(v)) for k, v in times.items()}
+
+
+def _once(m, x) -> float:
+    with torch.inference_mode():
+        for _ in range(3):
+            m(x)
+        t0 = time.perf_counter()
+        m(x)
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="*", help="exports to time (default: the committed models)")
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    models = ([(Path(f).parent.name, f) for f in args.files] if args.files else
+              [(label, ROOT / f) for label, f in DEFAULT_MODELS if (ROOT / f).exists()])
+    all_threads = torch.get_num_threads()
+    rows = []
+    for label, path in models:
+        vs, info, shape = variants(Path(path))
+        test = load_dataset(info["dataset"]).test
+        x_test = test[0][:2000]
+        with torch.inference_mode():
+            want = vs["dense"](x_test).argmax(1)
+            agree = {k: bool((m(x_test).argmax(1) == want).all()) for k, m in vs.items()}
+        if not all(agree.values()):
+            raise SystemExit(f"{label}: predictions differ from the dense network: {agree}")
+        for threads in sorted({1, all_threads}):
+            torch.set_num_threads(threads)
+            for batch in (1, 64):
+                t = timed(vs, torch.randn(batch, *shape), args.rounds)
+                rows.append({"model": label, "file": str(path), "threads": threads,
+                             "batch": batch, "us": t,
+                             "speedup": {k: t["dense"] / v for k, v in t.items()},
+                             "macs": info["macs"], "compact_macs": info["compact_macs"],
+                             "compact_shapes": info["shapes"],
+                             "kernels": {k: v["sparse"] for k, v in
+                                         vs["compact+auto"].kernel_report.items()}})
+                r = rows[-1]
+                print(f"{label:16s} threads {threads} batch {batch:2d}  " + "  ".join(
+                    f"{k} {v:8.1f} us ({r['speedup'][k]:4.1f}x)" for k, v in t.items()),
+                    flush=True)
+    print("\n| model | threads | batch | dense µs | CSR | compact | compact + auto | "
+          "multiply-adds dense → compact |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        s = r["speedup"]
+        print(f"| {r['model']} | {r['threads']} | {r['batch']} | {r['us']['dense']:.0f} | "
+              f"{s['csr']:.2f}x | {s['compact']:.2f}x | {s['compact+auto']:.2f}x | "
+              f"{r['macs']:,} → {r['compact_macs']:,} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "rows": rows, "rounds": args.rounds, "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "cpus": all_threads}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
