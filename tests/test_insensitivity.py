@@ -84,7 +84,7 @@ def test_loss_source_uses_the_batch_gradient():
     ref = {n: torch.autograd.grad(F.cross_entropy(m(x), t), p)[0].abs()
            for n, p in prunable_weights(m).items()}
     w0 = {n: p.detach().clone() for n, p in prunable_weights(m).items()}
-    reg = SensitivityRegularizer(m, 0.2, source="loss", normalize="mean", decay_floor=0.0)
+    reg = SensitivityRegularizer(m, 0.2, sens_source="loss", normalize="mean", decay_floor=0.0)
     with reg.observe(t):  # records nothing: the gradient is all it needs
         out = m(x)
     F.cross_entropy(out, t).backward()

@@ -42,7 +42,7 @@ def test_relu_regularizer_is_gradient_of_tikhonov_term(act):
     m = nn.Sequential(nn.Linear(20, 32), act(), nn.Linear(32, 4))
     x, t = batch()
     lam, lr = 0.3, 0.05
-    reg = SensitivityRegularizer(m, lam, params="weights+biases")
+    reg = SensitivityRegularizer(m, lam, regularize="weights+biases")
     reg.update(x, t)
     w0 = {n: p.detach().clone() for n, p in m.named_parameters()}
     # reference: autograd on L + lam * R with S frozen
@@ -53,7 +53,8 @@ def test_relu_regularizer_is_gradient_of_tikhonov_term(act):
     expected = {n: w0[n] - lr * g for n, g in zip(w0, grads)}
     # sensprune: lr-scaled lambda, decay applied with the gradients of L (before the SGD step)
     opt = torch.optim.SGD(m.parameters(), lr=lr)
-    reg2 = SensitivityRegularizer(m, lam, params="weights+biases", optimizer=opt, lr_scaled=True)
+    reg2 = SensitivityRegularizer(m, lam, regularize="weights+biases", optimizer=opt,
+                                  lam_lr_scaled=True)
     reg2.insensitivity = reg.insensitivity
     F.cross_entropy(m(x), t).backward()
     reg2.step()
@@ -92,7 +93,7 @@ def test_decay_after_step_matches_formula():
 
 def test_every_n_steps_reuses_sensitivity():
     m = relu_mlp()
-    reg = SensitivityRegularizer(m, 0.1, every=3)
+    reg = SensitivityRegularizer(m, 0.1, sens_every=3)
     computed = []
     for i in range(6):
         x, t = batch()
@@ -164,6 +165,6 @@ def test_bad_options():
     with pytest.raises(ConfigError, match="lam must be"):
         SensitivityRegularizer(m, -1.0)
     with pytest.raises(ConfigError, match="needs the optimizer"):
-        SensitivityRegularizer(m, 1.0, lr_scaled=True)
+        SensitivityRegularizer(m, 1.0, lam_lr_scaled=True)
     with pytest.raises(ConfigError, match="params must be"):
-        SensitivityRegularizer(m, 1.0, params="biases")
+        SensitivityRegularizer(m, 1.0, regularize="biases")

@@ -54,7 +54,7 @@ def test_l1_l2_steps_match_formulas():
 def test_gmp_follows_cubic_schedule_and_reaches_target():
     m = nn.Sequential(nn.Linear(100, 50), nn.Linear(50, 10))
     p = Pruner(m)
-    g = GradualMagnitude(p, 0.9, total_steps=100, every=10)
+    g = GradualMagnitude(p, 0.9, total_steps=100, gmp_every=10)
     assert g.sparsity_at(0) == 0.0 and g.sparsity_at(100) == pytest.approx(0.9)
     assert g.sparsity_at(50) == pytest.approx(0.9 * (1 - 0.5 ** 3))
     for t in range(1, 101):

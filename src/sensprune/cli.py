@@ -127,11 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "take the run's own.")
     ins.add_argument("run", help="a run directory (model.pt + summary.json, or checkpoint.pt)")
     ins.add_argument("--images", type=_positive_int, default=100)
-    for name in ("kind", "outputs", "reduction", "normalize", "beta", "quantile",
-                 "times_weight"):
+    for name in INSPECT_SETTINGS:
         add_setting_options(ins, name)
-    add_setting_options(ins, "sens_source", dest="source")
-    add_setting_options(ins, "decay_floor", dest="floor")
     ins.add_argument("--png", help="histograms (default: RUN/sensitivity.png for a directory)")
     ins.add_argument("--json", metavar="FILE", help="write the statistics as JSON")
     ins.add_argument("--data-dir")
@@ -228,6 +225,11 @@ def cmd_report(args) -> int:
     return 0
 
 
+# the settings `inspect` can override (the run's own otherwise); library and CLI names alike
+INSPECT_SETTINGS = ("kind", "outputs", "reduction", "normalize", "beta", "quantile",
+                    "times_weight", "sens_source", "decay_floor")
+
+
 def cmd_inspect(args) -> int:
     from .diagnose import inspect_run
     from .report import inspect_markdown
@@ -235,8 +237,7 @@ def cmd_inspect(args) -> int:
     run = Path(args.run)
     png = args.png or (run / "sensitivity.png" if run.is_dir() else None)
     result = inspect_run(run, images=args.images, png=png, data_dir=args.data_dir,
-                         **{k: getattr(args, k) for k in ("kind", "outputs", "reduction",
-                            "normalize", "beta", "quantile", "times_weight", "source", "floor")})
+                         **{k: getattr(args, k) for k in INSPECT_SETTINGS})
     print(inspect_markdown(result))
     if result.get("png"):
         if not args.png and run.is_dir():

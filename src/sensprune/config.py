@@ -11,22 +11,26 @@ from typing import Any
 
 from .errors import ConfigError
 from .methods import REGISTRY
+from .methods.neuron import UNIT_DECAYS
+from .regularizer import NORMALIZE, SOURCES
+from .sensitivity import BATCHNORM_MODES, KINDS, OUTPUTS, REDUCTIONS
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 # The allowed values of every setting that takes a name: validation and the CLI's choices
-# both read this one table (the methods come from their registry).
+# both read this one table (the methods come from their registry; the sensitivity's and the
+# regularizer's lists are the ones their own modules validate with).
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("none", "cosine", "step", "linear"),
-    "kind": ("specific", "unspecific"),
-    "reduction": ("sample", "batch"),
-    "outputs": ("logits", "probs"),
+    "kind": KINDS,
+    "reduction": REDUCTIONS,
+    "outputs": OUTPUTS,
     "regularize": ("weights", "weights+biases", "all"),
     "threshold_mode": ("global", "layer"),
-    "normalize": ("none", "mean", "max", "quantile"),
-    "unit_decay": ("proportional", "group"),
-    "sens_source": ("outputs", "loss"),
-    "batchnorm": ("frozen", "exact"),
+    "normalize": NORMALIZE,
+    "unit_decay": UNIT_DECAYS,
+    "sens_source": SOURCES,
+    "batchnorm": BATCHNORM_MODES,
     "threshold_ref": ("epoch", "start", "best"),
     "finetune_schedule": ("constant", "cosine"),
     "device": ("auto", "cpu", "cuda"),

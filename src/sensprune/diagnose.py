@@ -28,9 +28,9 @@ from .sensitivity import sensitivity
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
-def _layer_stats(s: torch.Tensor, d: torch.Tensor, floor: float = 0.0) -> dict:
+def _layer_stats(s: torch.Tensor, d: torch.Tensor, decay_floor: float = 0.0) -> dict:
     """Quantiles of S and the decay d over the kept weights; share_not_decayed counts the
-    weights at the least decay (d = 0, or d = floor with a decay floor)."""
+    weights at the least decay (d = 0, or d = decay_floor)."""
     s, d = s.double(), d.double()
     q = torch.quantile(s, torch.tensor(QUANTILES, dtype=torch.float64)) if s.numel() else None
     mean_d = float(d.mean()) if d.numel() else float("nan")
@@ -41,7 +41,7 @@ def _layer_stats(s: torch.Tensor, d: torch.Tensor, floor: float = 0.0) -> dict:
         "share_S_above_0.1": float((s > 0.1).double().mean()) if s.numel() else math.nan,
         "decay_mean": mean_d,
         "decay_cv": float(d.std() / mean_d) if d.numel() > 1 and mean_d > 0 else 0.0,
-        "share_not_decayed": float((d <= floor).double().mean()) if d.numel() else math.nan,
+        "share_not_decayed": float((d <= decay_floor).double().mean()) if d.numel() else math.nan,
         "share_full_decay": float((d > 0.99).double().mean()) if d.numel() else math.nan,
     }
 
@@ -58,13 +58,13 @@ def inspect_sensitivity(
     beta: float = 1.0,
     quantile: float = 0.5,
     times_weight: bool = False,
-    source: str = "outputs",
-    floor: float = 0.0,
+    sens_source: str = "outputs",
+    decay_floor: float = 0.0,
 ) -> dict:
     """Per-layer statistics of S and of the decay factor it drives (see the module doc);
     also returns the raw per-layer S and decay of the kept weights under ``"_values"``."""
     weights = prunable_weights(model)
-    if source == "loss":
+    if sens_source == "loss":
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(inputs), targets).backward()
         s_all = {n: p.grad.detach().abs() for n, p in weights.items()}
@@ -75,13 +75,14 @@ def inspect_sensitivity(
     layers, values = {}, {}
     for n, p in weights.items():
         s = s_all[n] * p.detach().abs() if times_weight else s_all[n]
-        d = insensitivity(s, normalize, beta, quantile, decay_floor=floor)
+        d = insensitivity(s, normalize, beta, quantile, decay_floor=decay_floor)
         kept = p.detach() != 0
-        layers[n] = _layer_stats(s_all[n][kept], d[kept], floor)
+        layers[n] = _layer_stats(s_all[n][kept], d[kept], decay_floor)
         values[n] = (s_all[n][kept], d[kept])
     return {"settings": {"kind": kind, "reduction": reduction, "outputs": outputs,
-                         "normalize": normalize, "beta": beta, "quantile": quantile, "floor": floor,
-                         "times_weight": times_weight, "source": source,
+                         "normalize": normalize, "beta": beta, "quantile": quantile,
+                         "decay_floor": decay_floor, "times_weight": times_weight,
+                         "sens_source": sens_source,
                          "images": int(len(targets))},
             "layers": layers, "_values": values}
 
@@ -93,8 +94,8 @@ def inspect_run(path: str | Path, images: int = 100, png: str | Path | None = No
     cfg, model = load_run_model(path)
     own = {"kind": cfg.kind, "reduction": cfg.reduction, "outputs": cfg.outputs,
            "normalize": cfg.normalize, "beta": cfg.beta, "quantile": cfg.quantile,
-           "times_weight": cfg.times_weight, "source": cfg.sens_source,
-           "floor": cfg.decay_floor}
+           "times_weight": cfg.times_weight, "sens_source": cfg.sens_source,
+           "decay_floor": cfg.decay_floor}
     own.update({k: v for k, v in settings.items() if v is not None})
     splits = load_dataset(cfg.dataset, data_dir or cfg.data_dir, cfg.val_size)
     x, t = splits.train[0][:images], splits.train[1][:images]

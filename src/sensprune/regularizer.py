@@ -20,7 +20,7 @@ decays nearly every weight at the full rate, which is plain weight decay. ``norm
 S by a per-layer statistic (its mean, max or a quantile) before the clamp, and ``beta`` scales
 it: max(0, 1 - beta * S / norm_l). With ``normalize="mean"`` a weight at least as sensitive as
 its layer's average is not decayed at all and the least sensitive ones decay at the full rate.
-``source="loss"`` uses |dL/dw| of the batch (the authors' later loss-based sensitivity,
+``sens_source="loss"`` uses |dL/dw| of the batch (the authors' later loss-based sensitivity,
 LOBSTER) instead of the output derivatives: it costs nothing beyond the ordinary backward.
 ``decay_floor`` (default 0.5) keeps a least decay on the weights the paper's form spares entirely:
 max(rho, 1 - S) = rho + (1 - rho) * max(0, 1 - S / (1 - rho)) with rho = decay_floor: L2 at rho * lambda
@@ -81,10 +81,11 @@ class SensitivityRegularizer:
         model: the network (left unmodified: no hooks stay, no parameters renamed).
         lam: the regularization factor lambda.
         kind, reduction, outputs: see :func:`sensprune.sensitivity`.
-        params: which parameters to regularize (see :func:`select_params`).
-        every: recompute the sensitivity every N steps (the last value is reused between).
-        optimizer: needed only with ``lr_scaled=True``.
-        lr_scaled: use lam_eff = lam * current learning rate (else lam_eff = lam, the paper's).
+        regularize: which parameters (see :func:`select_params`): "weights", "weights+biases",
+            "all", or a list of names.
+        sens_every: recompute the sensitivity every N steps (the last value is reused between).
+        optimizer: needed only with ``lam_lr_scaled=True``.
+        lam_lr_scaled: use lam_eff = lam * current learning rate (else lam_eff = lam, the paper's).
         distributed: reduce the sensitivity over DDP ranks so it is that of the global batch
             (default: whenever torch.distributed is initialized with more than one rank).
         output_samples: unspecific kind with many classes: estimate S from K outputs drawn
@@ -94,7 +95,7 @@ class SensitivityRegularizer:
             of half of lam for the most sensitive weights (measured better on LeNet-5, equal
             on LeNet-300: docs/REPORT.md); ``decay_floor=0`` is the paper's
             literal max(0, 1 - S).
-        source: ``"outputs"`` (the paper's S = sum_k alpha_k |dy_k/dw|) or ``"loss"``
+        sens_source: ``"outputs"`` (the paper's S = sum_k alpha_k |dy_k/dw|) or ``"loss"``
             (S = |dL/dw| of the batch, read from ``p.grad`` after the backward: no extra cost).
         batchnorm: see :func:`sensprune.sensitivity` (``"frozen"``: batch statistics as
             constants, a second forward per step when the model has BatchNorm in training mode).
@@ -111,17 +112,17 @@ class SensitivityRegularizer:
         kind: str = "specific",
         reduction: str = "sample",
         outputs: str = "logits",
-        params: str | Iterable[str] = "weights",
-        every: int = 1,
+        regularize: str | Iterable[str] = "weights",
+        sens_every: int = 1,
         optimizer: torch.optim.Optimizer | None = None,
-        lr_scaled: bool = False,
+        lam_lr_scaled: bool = False,
         distributed: bool | None = None,
         output_samples: int | None = None,
         seed: int = 0,
         normalize: str = "none",
         beta: float = 1.0,
         quantile: float = 0.5,
-        source: str = "outputs",
+        sens_source: str = "outputs",
         times_weight: bool = False,
         batchnorm: str = "frozen",
         decay_floor: float = 0.5,
@@ -131,8 +132,8 @@ class SensitivityRegularizer:
             raise ConfigError(f"decay_floor must be in [0, 1], got {decay_floor}")
         if normalize not in NORMALIZE:
             raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-        if source not in SOURCES:
-            raise ConfigError(f"source must be one of {SOURCES}, got {source!r}")
+        if sens_source not in SOURCES:
+            raise ConfigError(f"sens_source must be one of {SOURCES}, got {sens_source!r}")
         if not beta > 0:
             raise ConfigError(f"beta must be > 0, got {beta}")
         if batchnorm not in BATCHNORM_MODES:
@@ -141,23 +142,25 @@ class SensitivityRegularizer:
             raise ConfigError(f"quantile must be in (0, 1], got {quantile}")
         if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
             raise ConfigError(f"lam must be a finite number >= 0, got {lam!r}")
-        if every < 1:
-            raise ConfigError(f"every must be >= 1, got {every}")
-        if lr_scaled and optimizer is None:
-            raise ConfigError("lr_scaled=True needs the optimizer (pass optimizer=...)")
+        if sens_every < 1:
+            raise ConfigError(f"sens_every must be >= 1, got {sens_every}")
+        if lam_lr_scaled and optimizer is None:
+            raise ConfigError("lam_lr_scaled=True needs the optimizer (pass optimizer=...)")
         self.model = model
         self.lam = float(lam)
         self.kind, self.reduction, self.outputs = kind, reduction, outputs
-        self.params = select_params(model, params)
+        self.params = select_params(model, regularize)
         if not self.params:
             raise ConfigError("the model has no parameter to regularize (no Linear, Conv, "
-                              "recurrent or Embedding weight that requires grad); pass params=")
-        self.every = every
+                              "recurrent or Embedding weight that requires grad); pass "
+                              "regularize=")
+        self.sens_every = sens_every
         self.optimizer = optimizer
-        self.lr_scaled = lr_scaled
+        self.lam_lr_scaled = lam_lr_scaled
         self.distributed = distributed
         self.output_samples = output_samples
-        self.normalize, self.beta, self.quantile, self.source = normalize, float(beta), quantile, source
+        self.normalize, self.beta, self.quantile = normalize, float(beta), quantile
+        self.sens_source = sens_source
         self.times_weight = times_weight
         self.decay_floor = float(decay_floor)
         self.batchnorm = batchnorm
@@ -168,13 +171,13 @@ class SensitivityRegularizer:
     # -- computing S ---------------------------------------------------------------------------
     def due(self) -> bool:
         """Whether this step recomputes the sensitivity."""
-        return not self.insensitivity or self.steps % self.every == 0
+        return not self.insensitivity or self.steps % self.sens_every == 0
 
     @contextlib.contextmanager
     def observe(self, targets: torch.Tensor | None = None):
         """Wrap the training forward: the sensitivity is computed from that same forward
         (its outputs stay usable for the loss and its backward)."""
-        if not self.due() or self.lam == 0 or self.source == "loss":
+        if not self.due() or self.lam == 0 or self.sens_source == "loss":
             yield
             return
         # BatchNorm with batch statistics couples the samples of the training forward; the
@@ -221,7 +224,7 @@ class SensitivityRegularizer:
 
     # -- the update ----------------------------------------------------------------------------
     def effective_lam(self) -> float:
-        if self.lr_scaled:
+        if self.lam_lr_scaled:
             return self.lam * float(self.optimizer.param_groups[0]["lr"])
         return self.lam
 
@@ -230,14 +233,14 @@ class SensitivityRegularizer:
         """Apply the decay with the latest sensitivity; call after ``optimizer.step()``."""
         self.steps += 1
         lam = self.effective_lam()
-        if self.source == "loss" and lam != 0 and (self.steps - 1) % self.every == 0:
+        if self.sens_source == "loss" and lam != 0 and (self.steps - 1) % self.sens_every == 0:
             # |dL/dw| of this batch (already reduced over DDP ranks by the backward)
             self._set({n: p.grad.detach().abs() for n, p in self.params.items()
                        if p.grad is not None})
         if lam == 0:
             return
         if not self.insensitivity:
-            if self.source == "loss":  # no gradient yet (step before any backward)
+            if self.sens_source == "loss":  # no gradient yet (step before any backward)
                 raise RuntimeError("step() found no gradients: call it after loss.backward() "
                                    "and optimizer.step()")
             raise RuntimeError("step() before any sensitivity was computed: wrap the training "

@@ -355,11 +355,11 @@ def plot_pareto(result: dict, path: Path) -> Path | None:
 def inspect_markdown(result: dict) -> str:
     """`sensprune inspect`'s table: per layer the quantiles of S and the decay they drive."""
     st = result["settings"]
-    form = f"max({st['floor']:g}, 1 - " + (f"{st['beta']:g}*" if st["beta"] != 1 else "") + \
+    form = f"max({st['decay_floor']:g}, 1 - " + (f"{st['beta']:g}*" if st["beta"] != 1 else "") + \
         ("|w|*S" if st["times_weight"] else "S") + \
         (f" / {st['normalize']}_layer" if st["normalize"] != "none" else "") + ")"
     lines = [f"S: {st['kind']}, {st['outputs']}, {st['reduction']} reduction, source "
-             f"{st['source']}, {st['images']} images; decay factor d = {form}; kept weights only.",
+             f"{st['sens_source']}, {st['images']} images; decay factor d = {form}; kept weights only.",
              "", "| layer | kept | median S | 99.9th pct S | share S > 0.1 | mean d | CV of d | "
              "d at floor | d > 0.99 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, v in result["layers"].items():

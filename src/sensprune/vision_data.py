@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import random
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +109,14 @@ def _try_torchvision():
         return None
 
 
+def _uniform(a: float, b: float) -> float:
+    return a + (b - a) * float(torch.rand(()))
+
+
 class _PilTransforms:
-    """RandomResizedCrop(size) + flip for training, Resize(256) + CenterCrop(size) for eval."""
+    """RandomResizedCrop(size) + flip for training, Resize(256) + CenterCrop(size) for eval.
+    The draws come from torch's generator, as torchvision's do: seeded by the training loop
+    for every epoch, and per worker by the DataLoader."""
 
     def __init__(self, train: bool, size: int, mean, std):
         self.train, self.size, self.mean, self.std = train, size, mean, std
@@ -120,11 +125,12 @@ class _PilTransforms:
         w, h = img.size
         area = w * h
         for _ in range(10):
-            target = area * random.uniform(0.08, 1.0)
-            ratio = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+            target = area * _uniform(0.08, 1.0)
+            ratio = math.exp(_uniform(math.log(3 / 4), math.log(4 / 3)))
             cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
             if 0 < cw <= w and 0 < ch <= h:
-                x0, y0 = random.randint(0, w - cw), random.randint(0, h - ch)
+                x0 = int(torch.randint(0, w - cw + 1, ()))
+                y0 = int(torch.randint(0, h - ch + 1, ()))
                 return img.resize((self.size, self.size), box=(x0, y0, x0 + cw, y0 + ch))
         s = min(w, h)
         return img.resize((self.size, self.size), box=((w - s) // 2, (h - s) // 2,
@@ -134,7 +140,7 @@ class _PilTransforms:
         from PIL import Image
         if self.train:
             img = self._random_resized_crop(img)
-            if random.random() < 0.5:
+            if float(torch.rand(())) < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             w, h = img.size

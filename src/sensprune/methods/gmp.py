@@ -16,21 +16,21 @@ class GradualMagnitude(Method):
     name = "gmp"
     quick_settings = {"gmp_every": 5}
 
-    def __init__(self, pruner, target_sparsity: float, total_steps: int, every: int = 100,
-                 mode: str = "global"):
+    def __init__(self, pruner, target_sparsity: float, total_steps: int, gmp_every: int = 100,
+                 threshold_mode: str = "global"):
         if not 0.0 < target_sparsity < 1.0:
             raise ConfigError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
         self.pruner = pruner
         self.target = float(target_sparsity)
         self.total = max(1, int(total_steps))
-        self.every = max(1, int(every))
+        self.every = max(1, int(gmp_every))
         self.t = 0
-        self.mode = mode
+        self.mode = threshold_mode
 
     @classmethod
     def from_config(cls, cfg, ctx: MethodContext) -> "GradualMagnitude":
         return cls(ctx.pruner, cfg.target_sparsity, cfg.sparsify_epochs * ctx.steps_per_epoch,
-                   every=cfg.gmp_every, mode=cfg.threshold_mode)
+                   gmp_every=cfg.gmp_every, threshold_mode=cfg.threshold_mode)
 
     def sparsity_at(self, t: int) -> float:
         return cubic_sparsity(self.target, t / self.total)

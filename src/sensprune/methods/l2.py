@@ -15,13 +15,13 @@ class L2Decay(Method):
     uses_threshold = True
     uses_lam = True
 
-    def __init__(self, model, lam: float, params="weights"):
+    def __init__(self, model, lam: float, regularize="weights"):
         self.lam = float(lam)
-        self.params = select_params(model, params)
+        self.params = select_params(model, regularize)
 
     @classmethod
     def from_config(cls, cfg, ctx: MethodContext) -> "L2Decay":
-        return cls(ctx.model, cfg.lam, params=cfg.regularize)
+        return cls(ctx.model, cfg.lam, regularize=cfg.regularize)
 
     @torch.no_grad()
     def step(self) -> None:

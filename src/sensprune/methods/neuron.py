@@ -25,6 +25,9 @@ from ..sensitivity import LayerRecorder, alpha_matrix, unit_layers, unit_sensiti
 from .base import Method, MethodContext
 
 
+UNIT_DECAYS = ("proportional", "group")
+
+
 def _hidden_layers(model) -> dict:
     """Every unit layer but the last one defined (the output layer)."""
     layers = unit_layers(model)
@@ -61,8 +64,8 @@ class NeuronSensitivity(Method):
             raise ConfigError(f"decay_floor must be in [0, 1], got {decay_floor}")
         if normalize not in NORMALIZE:
             raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-        if unit_decay not in ("proportional", "group"):
-            raise ConfigError(f"unit_decay must be proportional or group, got {unit_decay!r}")
+        if unit_decay not in UNIT_DECAYS:
+            raise ConfigError(f"unit_decay must be one of {UNIT_DECAYS}, got {unit_decay!r}")
         self.normalize, self.unit_decay = normalize, unit_decay
         self.model, self.lam, self.kind = model, float(lam), kind
         self.decay_floor = float(decay_floor)

@@ -9,6 +9,11 @@ from ..regularizer import SensitivityRegularizer
 from .base import Method, MethodContext
 
 
+SETTINGS = ("kind", "reduction", "outputs", "regularize", "sens_every", "lam_lr_scaled", "seed",
+            "normalize", "beta", "quantile", "sens_source", "times_weight", "batchnorm",
+            "decay_floor")
+
+
 class Sensitivity(SensitivityRegularizer, Method):
     name = "sensitivity"
     uses_threshold = True
@@ -16,13 +21,10 @@ class Sensitivity(SensitivityRegularizer, Method):
 
     @classmethod
     def from_config(cls, cfg, ctx: MethodContext) -> "Sensitivity":
-        return cls(
-            ctx.model, cfg.lam, kind=cfg.kind, reduction=cfg.reduction, outputs=cfg.outputs,
-            params=cfg.regularize, every=cfg.sens_every, optimizer=ctx.optimizer,
-            lr_scaled=cfg.lam_lr_scaled, output_samples=cfg.output_samples or None,
-            seed=cfg.seed, normalize=cfg.normalize, beta=cfg.beta, quantile=cfg.quantile,
-            source=cfg.sens_source, times_weight=cfg.times_weight, batchnorm=cfg.batchnorm,
-            decay_floor=cfg.decay_floor)
+        # the library's arguments are the settings' own names
+        return cls(ctx.model, cfg.lam, optimizer=ctx.optimizer,
+                   output_samples=cfg.output_samples or None,
+                   **{k: getattr(cfg, k) for k in SETTINGS})
 
     @torch.no_grad()
     def epoch_stats(self) -> dict:
