@@ -65,6 +65,25 @@ def test_int8_values_within_half_a_step(tmp_path):
             assert torch.equal(state[k], v.half().float())  # biases: fp16
 
 
+@pytest.mark.parametrize("compress", ["none", "lzma"])
+def test_int8_row_values_within_half_a_step_of_their_row(tmp_path, compress):
+    m, shape = pruned("lenet5", 0.95)
+    with torch.no_grad():  # rows of very different scales: one scale per tensor would lose them
+        m.fc1.weight[::7] *= 1e-3
+    f = tmp_path / "q.safetensors"
+    export(m.state_dict(), f, {"model": "lenet5", "num_classes": 10, "input_shape": [1, 28, 28]},
+           values="int8-row", compress=compress)
+    _, state = read(f)
+    for k, v in m.state_dict().items():
+        if v.dim() > 1:
+            rows = v.reshape(v.shape[0], -1)
+            # the fp16 scale each row was quantized with, as the decoder reads it
+            step = (rows.abs().amax(1) / 127).half().float()
+            err = (state[k].reshape(rows.shape) - rows).abs()
+            assert (err <= step[:, None] / 2 * (1 + 1e-3) + 1e-9).all(), k
+            assert torch.equal(state[k] == 0, (v == 0) | (state[k] == 0)), k  # zeros stay zeros
+
+
 def test_index_dtype_boundaries():
     assert index_dtype(0) == np.uint8 and index_dtype(255) == np.uint8
     assert index_dtype(256) == np.uint16 and index_dtype(65535) == np.uint16

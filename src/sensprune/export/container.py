@@ -53,7 +53,8 @@ def export(state_dict: dict[str, torch.Tensor], path: str | Path, arch: dict[str
 
     ``arch`` = {"model": registry name, "num_classes": C, "input_shape": [...]}. Buffers
     and biases are stored like any tensor (dense when that is smallest). With int8 values,
-    only tensors with more than one dimension are quantized; 1-D tensors are stored fp16.
+    only tensors with more than one dimension are quantized (``int8-row``: one scale per
+    row); 1-D tensors are stored fp16.
     Integer index tensors (a compacted chain's input selection) are stored as bitsets.
     ``compress="lzma"`` packs every array into one LZMA stream (each tensor's layout is then
     the one that compresses smallest): files near the entropy of the masks and values.
@@ -74,7 +75,7 @@ def export(state_dict: dict[str, torch.Tensor], path: str | Path, arch: dict[str
             continue
         if not torch.is_tensor(t) or not t.is_floating_point():
             continue
-        fmt = values if (values != "int8" or t.dim() > 1) else "fp16"
+        fmt = values if (not values.startswith("int8") or t.dim() > 1) else "fp16"
         meta, arr, ref = _encode_tensor(name, t, fmt, compressed=compress != "none")
         reference += ref
         meta["values"] = fmt
@@ -335,6 +336,8 @@ def check_arrays(name: str, meta: dict, shape: tuple[int, ...], numel: int,
                                 and math.isfinite(meta["scale"]) and meta["scale"] >= 0):
         raise CheckpointError(f"{name}: scale {meta['scale']!r} is not a finite number")
     rows = shape[0] if len(shape) >= 2 else 1
+    if f"{name}/scales" in declared and declared[f"{name}/scales"] != ((rows,), "F16"):
+        raise CheckpointError(f"{name}/scales: not one fp16 scale per row of {list(shape)}")
     bad = (
         enc == "dense" and length["values"] != numel
         or enc == "bitmask" and (length["mask"] != (numel + 7) // 8 or length["values"] > numel)
