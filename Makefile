@@ -1,8 +1,8 @@
 # The two front-door commands (see README.md):
 #   make run   - set everything up, train LeNet-300-100 on the embedded MNIST with the best
 #                recipe (100x), print its table beside the committed seeds and published points
-#   make test  - set everything up, run the test suite
-# Also: make quick (the whole reproduce pipeline on a subset, about a minute), make bench.
+#   make test  - set everything up, run the test suite (both tiers)
+# Also: make check (the unit tier only, under a minute), make quick (the whole reproduce pipeline on a subset, about a minute), make bench.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.sensprune-installed
 # the cores and a run slows several-fold; one thread costs little when the machine is idle
 THREADS ?= 1
 
-.PHONY: run test quick bench clean
+.PHONY: run test check quick bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+check: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e"
 
 quick: $(STAMP)
 	$(PY) -m sensprune reproduce lenet300 --quick --out runs/quick --threads $(THREADS)

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # end-to-end: training runs or subprocesses (make test)
+
 
 def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "sensprune", *args], capture_output=True,

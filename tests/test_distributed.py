@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.e2e  # end-to-end: training runs or subprocesses (make test)
+
 ARGS = ["--model", "lenet300", "--limit-train", "651", "--val-size", "500", "--batch-size", "100",
         "--epochs", "2", "--warmup-epochs", "0", "--method", "sensitivity", "--lam", "1e-3",
         "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--threshold", "0.02",

@@ -4,6 +4,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.e2e  # end-to-end: training runs or subprocesses (make test)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -117,6 +117,7 @@ def test_sensitivity_under_cpu_autocast(name, kind, dtype):
         assert rel < 0.05, (n, rel)
 
 
+@pytest.mark.e2e
 def test_plateau_counts_epochs_without_improvement():
     state = {}
     seq = [1.0, 0.9, 0.95, 0.93, 0.8, 0.85, 0.86]
@@ -134,6 +135,7 @@ def _run(tmp_path, **kw):
     return s, metrics
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("ref", ["start", "best"])
 def test_fixed_references_never_let_the_error_drift(tmp_path, ref):
     s, metrics = _run(tmp_path, threshold_ref=ref, normalize="mean")
@@ -150,6 +152,7 @@ def test_fixed_references_never_let_the_error_drift(tmp_path, ref):
     assert pruned and s["compression_ratio"] > 1.0
 
 
+@pytest.mark.e2e
 def test_inspect_cli_matches_direct_computation(tmp_path):
     s, _ = _run(tmp_path, threshold="none")
     r = subprocess.run([sys.executable, "-m", "sensprune", "inspect", str(tmp_path),

@@ -1,6 +1,7 @@
 """The method interface: the registry drives the loop, and a new method is one class plus one
 registry entry (the README's example, run end to end)."""
 
+import pytest
 import torch
 
 from sensprune import make_config, train
@@ -52,6 +53,7 @@ def test_registry_builds_every_method_with_its_flags():
                                                               "group_lasso"}
 
 
+@pytest.mark.e2e
 def test_a_new_method_is_one_class_and_one_registry_entry(tmp_path):
     REGISTRY["small_first"] = SmallFirst
     try:
@@ -67,6 +69,7 @@ def test_a_new_method_is_one_class_and_one_registry_entry(tmp_path):
         del REGISTRY["small_first"]
 
 
+@pytest.mark.e2e
 def test_sensitivity_epoch_stats_hand_computed_and_in_the_metrics(tmp_path):
     """The per-epoch decay statistics: mean, CV and share of d = 0 over the weights still in
     the network (pruned weights left out), checked on a hand-made insensitivity; and a

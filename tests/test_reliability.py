@@ -14,6 +14,7 @@ from test_cli import assert_usage_error, run
 SMALL = ["--model", "lenet300", "--limit-train", "2000", "--val-size", "500", "--no-progress"]
 
 
+@pytest.mark.e2e
 def test_divergence_stops_at_once_with_exit_1(tmp_path):
     r = run("train", *SMALL, "--epochs", "3", "--lr", "1e6", "--out", str(tmp_path / "a"))
     assert r.returncode == 1, r.stderr
@@ -23,6 +24,7 @@ def test_divergence_stops_at_once_with_exit_1(tmp_path):
     assert not (tmp_path / "a" / "model.pt").exists()  # no NaN model is written
 
 
+@pytest.mark.e2e
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "b"
     r = run("train", *SMALL, "--epochs", "3", "--warmup-epochs", "1", "--lam", "1e9",
@@ -49,6 +51,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     (["--step-size", "0"], "step-size"),
     (["--init-from", "/nonexistent/run"], "does not exist"),
 ])
+@pytest.mark.e2e
 def test_non_finite_and_out_of_range_options(args, needle):
     assert_usage_error(run("train", *args), needle)
 
@@ -59,6 +62,7 @@ def test_non_finite_and_out_of_range_options(args, needle):
     ("batch_size = 100.5", "batch_size must be int"),
     ('amp = "yes"', "amp must be bool"),
 ])
+@pytest.mark.e2e
 def test_recipe_values_of_the_wrong_type(tmp_path, line, needle):
     recipe = tmp_path / "r.toml"
     recipe.write_text(line + "\n")
@@ -74,6 +78,7 @@ def test_default_learning_rate_per_model_and_optimizer():
         make_config(beta=float("inf"))
 
 
+@pytest.mark.e2e
 def test_run_directory_is_protected(tmp_path):
     out = str(tmp_path / "run")
     args = ["train", *SMALL, "--epochs", "1", "--limit-train", "600", "--out", out]
@@ -107,6 +112,7 @@ def test_lock_stale_temp_files_and_failed_start(tmp_path):
     assert not fresh.exists()  # no empty directory left behind
 
 
+@pytest.mark.e2e
 def test_evaluate_export_and_bench_infer_take_what_a_run_holds(tmp_path):
     out = tmp_path / "run"
     assert run("train", *SMALL, "--epochs", "1", "--limit-train", "600", "--out", str(out)).returncode == 0

@@ -13,6 +13,7 @@ from sensprune.pruning import Pruner
 from sensprune.reproduce import reproduce
 
 
+@pytest.mark.e2e
 def test_quick_reproduce_writes_consistent_files(quick_lenet300):
     tmp_path, result = quick_lenet300
     from conftest import QUICK_ROWS
@@ -64,6 +65,7 @@ def test_gmp_follows_cubic_schedule_and_reaches_target():
     assert 1 - p.nonzero() / 5500 == pytest.approx(0.9, abs=1e-3)
 
 
+@pytest.mark.e2e
 def test_sparse_vd_round_trip_to_plain_layers():
     m = LeNet5()
     names = [n for n, _ in m.named_parameters()]
@@ -83,6 +85,7 @@ def test_sparse_vd_round_trip_to_plain_layers():
     assert torch.count_nonzero(m.fc1.weight[:10]) == 0
 
 
+@pytest.mark.e2e
 def test_reproduce_split_over_calls_reuses_finished_runs(quick_lenet300, tmp_path):
     quiet = lambda *_: None  # noqa: E731
     shutil.copytree(quick_lenet300[0], tmp_path, dirs_exist_ok=True)
@@ -98,6 +101,7 @@ def test_reproduce_split_over_calls_reuses_finished_runs(quick_lenet300, tmp_pat
     assert [r["run"] for r in again["rows"]] == ["trained"]
 
 
+@pytest.mark.e2e
 def test_prune_further_curve_matches_an_independent_count(quick_lenet300):
     tmp_path, result = quick_lenet300
     row = next(r for r in result["rows"] if r["label"] == "dense")
@@ -121,6 +125,7 @@ def test_prune_further_curve_matches_an_independent_count(quick_lenet300):
     assert "without retraining" in (tmp_path / "table.md").read_text()
 
 
+@pytest.mark.e2e
 def test_reproduce_seeds_adds_runs_and_their_mean_and_std(tmp_path):
     res = reproduce("lenet300", tmp_path, methods=["dense", "l2-50x"], quick=True, seeds=[0, 1],
                     log=lambda *_: None)
@@ -140,6 +145,7 @@ def test_reproduce_seeds_adds_runs_and_their_mean_and_std(tmp_path):
     assert f"| {mean_err:.2f} ± {std:.2f} |" in md or std == 0
 
 
+@pytest.mark.e2e
 def test_skipped_and_assembled_rows_are_listed_as_not_run(tmp_path):
     """A row the recipe marks ``skip`` is never trained, and --assemble trains nothing: both
     stay in the table as "not run" with their reason, beside the rows that have runs."""

@@ -49,6 +49,7 @@ class _Payload:
 
 
 # -- 1. no code runs from a file -----------------------------------------------------------------
+@pytest.mark.e2e
 def test_a_checkpoint_carrying_a_pickle_payload_is_refused_everywhere(finished_run, tmp_path):
     marker = tmp_path / "PWNED"
     run = tmp_path / "shared-run"
@@ -88,6 +89,7 @@ def _snapshot(d: Path) -> dict:
     return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and p.name != ".sensprune.lock"}
 
 
+@pytest.mark.e2e
 def test_overwrite_checks_everything_before_touching_the_old_run(finished_run, tmp_path):
     run = tmp_path / "r"
     subprocess.run(["cp", "-a", str(finished_run), str(run)], check=True)
@@ -100,6 +102,7 @@ def test_overwrite_checks_everything_before_touching_the_old_run(finished_run, t
         assert _snapshot(run) == before, f"{extra}: the old run was touched"
 
 
+@pytest.mark.e2e
 def test_overwrite_never_deletes_what_sensprune_did_not_write(finished_run, tmp_path):
     run = tmp_path / "r"
     subprocess.run(["cp", "-a", str(finished_run), str(run)], check=True)
@@ -116,6 +119,7 @@ def test_overwrite_never_deletes_what_sensprune_did_not_write(finished_run, tmp_
     assert torch.load(run / "model.pt", weights_only=True)["w"].item() == 1.0
 
 
+@pytest.mark.e2e
 def test_a_replacing_run_that_fails_early_puts_the_old_run_back(finished_run, tmp_path):
     from sensprune.config import make_config
     from sensprune.train import train
@@ -141,6 +145,7 @@ def _abort_on_first_epoch_line(msg):  # the log of epoch 1 comes before its chec
 
 
 # -- 3. damaged or foreign files are refused -----------------------------------------------------
+@pytest.mark.e2e
 def test_a_changed_value_in_a_checkpoint_is_caught_by_its_checksum(finished_run, tmp_path):
     ckpt = torch.load(finished_run / "checkpoint.pt", weights_only=True)
     ckpt["model"]["fc1.weight"].view(-1)[0] = -1.7e38  # what one flipped byte did
@@ -174,6 +179,7 @@ def test_random_flips_and_cuts_of_a_checkpoint_load_correctly_or_are_refused(
     assert state_digest(loaded) == reference  # a flip torch ignores (padding): same contents
 
 
+@pytest.mark.e2e
 def test_foreign_files_are_refused_in_one_line(finished_run, tmp_path):
     torch.save([1, 2, 3], tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="not a sensprune checkpoint"):
@@ -289,6 +295,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_old_one_and_no_temp(tmp_p
     assert torch.load(path, weights_only=True)["a"].sum() == 3
 
 
+@pytest.mark.e2e
 def test_interrupt_before_the_first_checkpoint_says_so(tmp_path, monkeypatch, capsys):
     from sensprune import cli
 

@@ -120,6 +120,7 @@ def test_batch_reduction_lets_signs_cancel():
     assert sensitivity(m, x, t, reduction="batch")["weight"][0, 0] == 0.0
 
 
+@pytest.mark.e2e
 def test_mode_grads_and_buffers_untouched():
     m = ConvBNNet(act="tanh").train()
     x = torch.randn(4, 1, 28, 28)
@@ -170,6 +171,7 @@ def test_many_outputs_chunked_exact():
         torch.testing.assert_close(s[n].double(), ref[n], rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("reduction", ["sample", "batch"])
 def test_sampled_outputs_unbiased(reduction):
     m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 40))

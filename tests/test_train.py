@@ -1,9 +1,12 @@
 import json
 
+import pytest
 import torch
 
 from sensprune import build_model, evaluate, make_config, train
 from sensprune.data import load_dataset
+
+pytestmark = pytest.mark.e2e  # end-to-end: training runs or subprocesses (make test)
 
 
 def small_cfg(tmp_path, **kw):

@@ -75,6 +75,7 @@ def test_imagefolder_loads(tmp_path):
     assert xb.shape == (4, 3, 224, 224) and yb.dtype == torch.int64
 
 
+@pytest.mark.e2e
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DataError, match="ImageFolder layout"):
         load_dataset("imagenet", data_dir=tmp_path)
@@ -91,12 +92,14 @@ def train_synthetic(tmp_path, dataset, val_size, batch_size):
     return r
 
 
+@pytest.mark.e2e
 def test_train_resnet32_on_synthetic_cifar(tmp_path):
     write_cifar(tmp_path)
     r = train_synthetic(tmp_path, "cifar10", 20, 20)
     assert "conv.weight" in r.stdout
 
 
+@pytest.mark.e2e
 def test_train_on_synthetic_imagefolder(tmp_path):
     write_imagefolder(tmp_path)
     train_synthetic(tmp_path, "imagenet", 3, 3)
