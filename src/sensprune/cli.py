@@ -88,10 +88,35 @@ def add_setting_options(parser: argparse.ArgumentParser, *names: str,
         parser.add_argument(flag, **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .config import RECIPES_DIR
+def _add_deploy_commands(sub) -> None:
+    """`export` and `bench-infer`."""
     from .export.container import COMPRESSIONS
     from .export.encodings import VALUE_FORMATS
+
+    ex = sub.add_parser("export", help="write a compact sparse file (and optionally ONNX)")
+    ex.add_argument("checkpoint", help="a run directory, its checkpoint.pt or model.pt, or an "
+                    "earlier export (.safetensors)")
+    ex.add_argument("-o", "--output", required=True, help="output file (.safetensors)")
+    ex.add_argument("--values", choices=VALUE_FORMATS, default="fp32",
+                    help="value format (default: fp32)")
+    ex.add_argument("--compact", action="store_true", help="remove every neuron, channel and "
+                    "input with no path to the output first: a smaller dense network with the "
+                    "same predictions (chain networks; others are exported as they are)")
+    ex.add_argument("--compress", choices=COMPRESSIONS, default="none",
+                    help="pack the arrays into one LZMA stream (default: none)")
+    ex.add_argument("--onnx", metavar="FILE", help="also export ONNX and check it against torch")
+    ex.add_argument("--data-dir")
+    ex.add_argument("--json", metavar="FILE", help="write the size/accuracy report as JSON")
+
+    bi = sub.add_parser("bench-infer", help="latency of dense vs sparse inference of an export")
+    bi.add_argument("file")
+    bi.add_argument("--reps", type=_positive_int, default=200)
+    bi.add_argument("--threads", type=_positive_int, default=1)
+    bi.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import RECIPES_DIR
 
     p = _Parser(prog="sensprune", description="Train sparse networks with "
                 "sensitivity-driven regularization (Tartaglione et al., NeurIPS 2018).")
@@ -133,26 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", metavar="FILE", help="write the statistics as JSON")
     ins.add_argument("--data-dir")
 
-    ex = sub.add_parser("export", help="write a compact sparse file (and optionally ONNX)")
-    ex.add_argument("checkpoint", help="a run directory, its checkpoint.pt or model.pt, or an "
-                    "earlier export (.safetensors)")
-    ex.add_argument("-o", "--output", required=True, help="output file (.safetensors)")
-    ex.add_argument("--values", choices=VALUE_FORMATS, default="fp32",
-                    help="value format (default: fp32)")
-    ex.add_argument("--compact", action="store_true", help="remove every neuron, channel and "
-                    "input with no path to the output first: a smaller dense network with the "
-                    "same predictions (chain networks; others are exported as they are)")
-    ex.add_argument("--compress", choices=COMPRESSIONS, default="none",
-                    help="pack the arrays into one LZMA stream (default: none)")
-    ex.add_argument("--onnx", metavar="FILE", help="also export ONNX and check it against torch")
-    ex.add_argument("--data-dir")
-    ex.add_argument("--json", metavar="FILE", help="write the size/accuracy report as JSON")
-
-    bi = sub.add_parser("bench-infer", help="latency of dense vs sparse inference of an export")
-    bi.add_argument("file")
-    bi.add_argument("--reps", type=_positive_int, default=200)
-    bi.add_argument("--threads", type=_positive_int, default=1)
-    bi.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
+    _add_deploy_commands(sub)
 
     rp = sub.add_parser("reproduce", help="run the paper's comparison: the method and baselines",
                         description="Train the sensitivity method and the baselines on the same "
@@ -203,11 +209,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import plot_run, read_run, summary_markdown
+    from .plots import plot_run
+    from .report import read_run, summary_markdown
 
     table = Path(args.run_dir) / "table.json"
     if table.exists():  # a `sensprune reproduce` directory: the table, and the plot redrawn
-        from .report import comparison_markdown, plot_pareto
+        from .plots import plot_pareto
+        from .report import comparison_markdown
         result = json.loads(table.read_text())
         print(comparison_markdown(result))
         png = plot_pareto(result, Path(args.run_dir) / "pareto.png")

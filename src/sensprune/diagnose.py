@@ -22,7 +22,7 @@ from .checkpoint import load_run_model
 from .data import load_dataset
 from .models import prunable_weights
 from .regularizer import insensitivity
-from .report import plot_histograms
+from .plots import plot_histograms
 from .sensitivity import sensitivity
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)

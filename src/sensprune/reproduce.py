@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 import sys
 import time
 import tomllib
@@ -31,7 +30,8 @@ from .errors import CheckpointError, ConfigError
 from .models import build_model, prunable_weights, use_channels_last
 from .checkpoint import CHECKPOINT, load_checkpoint, safe_load, write_text_atomic
 from .methods import method_class
-from .report import CURVE_MULTIPLES, comparison_markdown, group_rows, plot_pareto
+from .plots import plot_pareto
+from .report import CURVE_MULTIPLES, comparison_markdown, group_rows
 from .train import evaluate, train
 
 EXPERIMENTS = ("lenet300", "lenet5", "lenet5-fashion")
@@ -107,72 +107,18 @@ def reproduce(
                           f"available: {', '.join(table)}")
     notes = {label: str(table[label].pop("note", "")) for label in table}
     skips = {label: str(table[label].pop("skip", "")) for label in table}
-    runs: list[tuple[str, dict[str, Any]]] = []
-    for label in chosen:
-        runs.append((label, dict(table[label])))
-        # the sweep varies the recipe's main row only: the other sensitivity rows change more
-        # than lambda (an lr-scaled lambda is on another scale altogether)
-        if lam_sweep and table[label].get("method", common.get("method")) == "sensitivity":
-            runs += [(f"{label} lam={lam:g}", {**table[label], "lam": lam}) for lam in lam_sweep]
-    if seeds:
-        runs = [(label if sd == settings.get("seed", common.get("seed", 0)) else f"{label}-s{sd}",
-                 {**settings, "seed": sd}) for label, settings in runs for sd in seeds]
-    missing: dict[str, str] = {}  # row label -> why it has no finished run
-    not_run_seeds: dict[str, list[int]] = {}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    splits = None
+    runs = _planned_runs(table, chosen, common, lam_sweep, seeds)
+    harness = _Harness(common, Path(out), data_dir, seed, quick, assemble, skips, log)
+    harness.out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    for label, settings in runs:
-        values = {**common, **settings, "out": str(out / _slug(label)), "progress": False}
-        if data_dir:
-            values["data_dir"] = data_dir
-        if seed is not None:
-            values["seed"] = seed
-        if quick:
-            values.update(QUICK)
-        cfg = make_config(**values)
-        if quick and method_class(cfg.method).quick_settings:  # e.g. GMP's pruning interval
-            cfg = make_config(**{**values, **method_class(cfg.method).quick_settings})
-        key = (cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
-        if splits is None or splits[0] != key:
-            splits = (key, load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train))
-        s, how = _finished(cfg), "reused"
-        base = re.sub(r"-s\d+$", "", label)  # a lambda sweep's rows are rows of their own
-        if s is None and (assemble or skips.get(base)):
-            missing.setdefault(base, skips.get(base) or "no finished run in this directory "
-                               "(assembled without training)")
-            not_run_seeds.setdefault(base, []).append(cfg.seed)
-            log(f"== {label}: not run ({missing[base]})")
-            continue
-        if s is None:
-            resume = _same_settings(cfg, _checkpoint_config(cfg))
-            how = "resumed" if resume else "trained"
-            log(f"== {label}: {cfg.method} ({cfg.epochs} epochs)" + (" -- resuming" if resume else ""))
-            s = train(cfg, resume=resume, overwrite=not resume, splits=splits[1], log=log)
-        else:
-            log(f"== {label}: reusing the finished run in {cfg.out}")
-        state = run_weights(Path(cfg.out))
-        if state is not None:
-            export_compact(cfg, state, splits[1].info, s)
-        curve = prune_further_curve(cfg, state, splits[1]) if state is not None else []
-        macs = compacted_macs(cfg, state, splits[1].info) if state is not None else None
-        rows.append({
-            "run": how, "curve": curve, "label": label, "method": cfg.method,
-            "remaining_per_layer": s["remaining_per_layer"],
-            "compression_ratio": s["compression_ratio"], "test_error": s["test_error"],
-            "val_error": s["val_error"], "nonzero_params": s["nonzero_params"],
-            "total_params": s["total_params"], "train_seconds": s["train_seconds"],
-            "epochs": s["epochs"], "run_dir": str(Path(cfg.out).relative_to(out)),
-            "lam": cfg.lam if method_class(cfg.method).uses_lam else None,
-            "seed": cfg.seed, "group": base, "note": notes.get(base, ""),
-            **({"macs": macs[0], "compact_macs": macs[1]} if macs else {}),
-        })
+    rows = [row for label, group, settings in runs
+            if (row := harness.run(label, group, settings)) is not None]
+    for row in rows:
+        row["note"] = notes.get(row["group"], "")
     result = {
         "experiment": experiment, "quick": quick, "rows": rows,
-        "groups": group_rows(rows, [re.sub(r"-s\d+$", "", lb) for lb, _ in runs], missing,
-                             notes, not_run_seeds),
+        "groups": group_rows(rows, [group for _, group, _ in runs], harness.missing,
+                             notes, harness.not_run_seeds),
         "command": "sensprune " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(
             ("sensprune", "__main__.py")) else None,
         "seed": seed if seed is not None else common.get("seed", 0),
@@ -184,10 +130,97 @@ def reproduce(
                         "python": platform.python_version(), "machine": platform.machine(),
                         "threads": torch.get_num_threads()},
     }
-    write_text_atomic(json.dumps(result, indent=2) + "\n", out / "table.json")
-    write_text_atomic(comparison_markdown(result), out / "table.md")
-    plot_pareto(result, out / "pareto.png")
+    write_text_atomic(json.dumps(result, indent=2) + "\n", harness.out / "table.json")
+    write_text_atomic(comparison_markdown(result), harness.out / "table.md")
+    plot_pareto(result, harness.out / "pareto.png")
     return result
+
+
+def _planned_runs(table: dict, chosen: list[str], common: dict, lam_sweep: list[float] | None,
+                  seeds: list[int] | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """(run label, table row it belongs to, settings) of every run, in table order."""
+    runs: list[tuple[str, str, dict[str, Any]]] = []
+    for label in chosen:
+        runs.append((label, label, dict(table[label])))
+        # the sweep varies the recipe's main row only: the other sensitivity rows change more
+        # than lambda (an lr-scaled lambda is on another scale altogether)
+        if lam_sweep and table[label].get("method", common.get("method")) == "sensitivity":
+            runs += [(f"{label} lam={lam:g}", f"{label} lam={lam:g}", {**table[label], "lam": lam})
+                     for lam in lam_sweep]
+    if seeds:
+        runs = [(label if sd == settings.get("seed", common.get("seed", 0)) else f"{label}-s{sd}",
+                 group, {**settings, "seed": sd})
+                for label, group, settings in runs for sd in seeds]
+    return runs
+
+
+class _Harness:
+    """One experiment's shared run settings; trains, resumes or reuses one run at a time and
+    remembers the rows that have no finished run and why."""
+
+    def __init__(self, common: dict, out: Path, data_dir: str | None, seed: int | None,
+                 quick: bool, assemble: bool, skips: dict[str, str], log):
+        self.common, self.out, self.data_dir, self.seed = common, out, data_dir, seed
+        self.quick, self.assemble, self.skips, self.log = quick, assemble, skips, log
+        self.missing: dict[str, str] = {}  # row label -> why it has no finished run
+        self.not_run_seeds: dict[str, list[int]] = {}
+        self._splits = None
+
+    def config(self, label: str, settings: dict):
+        values = {**self.common, **settings, "out": str(self.out / _slug(label)),
+                  "progress": False}
+        if self.data_dir:
+            values["data_dir"] = self.data_dir
+        if self.seed is not None:
+            values["seed"] = self.seed
+        if self.quick:
+            values.update(QUICK)
+        cfg = make_config(**values)
+        if self.quick and method_class(cfg.method).quick_settings:  # e.g. GMP's interval
+            cfg = make_config(**{**values, **method_class(cfg.method).quick_settings})
+        return cfg
+
+    def splits(self, cfg):
+        key = (cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
+        if self._splits is None or self._splits[0] != key:
+            self._splits = (key, load_dataset(*key))
+        return self._splits[1]
+
+    def run(self, label: str, group: str, settings: dict) -> dict | None:
+        """The table row of one run (trained, resumed or reused), or None: not run."""
+        cfg = self.config(label, settings)
+        splits = self.splits(cfg)
+        s, how = _finished(cfg), "reused"
+        if s is None and (self.assemble or self.skips.get(group)):
+            self.missing.setdefault(group, self.skips.get(group) or "no finished run in this "
+                                    "directory (assembled without training)")
+            self.not_run_seeds.setdefault(group, []).append(cfg.seed)
+            self.log(f"== {label}: not run ({self.missing[group]})")
+            return None
+        if s is None:
+            resume = _same_settings(cfg, _checkpoint_config(cfg))
+            how = "resumed" if resume else "trained"
+            self.log(f"== {label}: {cfg.method} ({cfg.epochs} epochs)"
+                     + (" -- resuming" if resume else ""))
+            s = train(cfg, resume=resume, overwrite=not resume, splits=splits, log=self.log)
+        else:
+            self.log(f"== {label}: reusing the finished run in {cfg.out}")
+        state = run_weights(Path(cfg.out))
+        if state is not None:
+            export_compact(cfg, state, splits.info, s)
+        curve = prune_further_curve(cfg, state, splits) if state is not None else []
+        macs = compacted_macs(cfg, state, splits.info) if state is not None else None
+        return {
+            "run": how, "curve": curve, "label": label, "method": cfg.method,
+            "remaining_per_layer": s["remaining_per_layer"],
+            "compression_ratio": s["compression_ratio"], "test_error": s["test_error"],
+            "val_error": s["val_error"], "nonzero_params": s["nonzero_params"],
+            "total_params": s["total_params"], "train_seconds": s["train_seconds"],
+            "epochs": s["epochs"], "run_dir": str(Path(cfg.out).relative_to(self.out)),
+            "lam": cfg.lam if method_class(cfg.method).uses_lam else None,
+            "seed": cfg.seed, "group": group,
+            **({"macs": macs[0], "compact_macs": macs[1]} if macs else {}),
+        }
 
 
 # Each final model is also magnitude-pruned further, without retraining, to these multiples

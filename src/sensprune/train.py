@@ -28,66 +28,13 @@ from .data import Splits, batches, load_dataset, num_samples
 from .errors import ConfigError, SensPruneError, TrainingDiverged
 from .models import build_model, use_channels_last
 from .pruning import Pruner, sparsity_report
-from .methods import EpochEnd, MethodContext, make_method, method_class
+from .evaluation import evaluate, evaluate_run  # noqa: F401  (re-exported: the public API)
+from .methods import EpochEnd, MethodContext, make_method
+from .schedule import finetune_lr, make_optimizer, make_scheduler, phase_of  # noqa: F401
 from .checkpoint import (CHECKPOINT, restore_run, save_atomic, save_run, state_digest,
                          write_text_atomic)
 from .report import summary_markdown
 from .rundir import claim, record as record_files
-
-
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer):
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
-    if cfg.schedule == "linear":  # Sparse VD's protocol: the rate falls linearly to 0
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: max(0.0, 1.0 - e / cfg.epochs))
-    return None
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
-             batch_size: int = 1000) -> tuple[float, float]:
-    """(error in percent, mean cross-entropy) on in-memory data, in eval mode."""
-    was_training = model.training
-    model.eval()
-    wrong, loss_sum = 0, 0.0
-    device = next(model.parameters()).device
-    for x, y in batches(data, batch_size):
-        x, y = x.to(device), y.to(device)
-        out = model(x).float()
-        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-        wrong += int((out.argmax(1) != y).sum())
-    model.train(was_training)
-    n = max(num_samples(data), 1)
-    return 100.0 * wrong / n, loss_sum / n
-
-
-def evaluate_run(path: str | Path, data_dir: str | None = None) -> dict:
-    """Test and validation error and per-layer zeros of a trained run (a run directory, its
-    checkpoint.pt or its model.pt): what ``sensprune evaluate`` prints."""
-    from .checkpoint import load_run_model
-
-    cfg, model = load_run_model(path)
-    splits = load_dataset(cfg.dataset, data_dir or cfg.data_dir, cfg.val_size)
-    test_err, test_loss = evaluate(model, splits.test)
-    val_err, _ = evaluate(model, splits.val)
-    sp = sparsity_report(model)
-    return {"model": cfg.model, "dataset": cfg.dataset, "test_error": test_err,
-            "test_loss": test_loss, "val_error": val_err,
-            "total_params": sp["total_params"], "nonzero_params": sp["nonzero_params"],
-            "compression_ratio": sp["compression_ratio"],
-            "remaining_per_layer": {n: v["remaining_percent"] for n, v in sp["layers"].items()}}
 
 
 def resolve_device(name: str, info: "ddp.DistInfo") -> torch.device:
@@ -96,16 +43,6 @@ def resolve_device(name: str, info: "ddp.DistInfo") -> torch.device:
             raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
-
-
-def phase_of(cfg: TrainConfig, epoch: int) -> str:
-    if not method_class(cfg.method).sparsifies:
-        return "train"
-    if epoch < cfg.warmup_epochs:
-        return "warmup"
-    if epoch >= cfg.epochs - cfg.finetune_epochs:
-        return "finetune"
-    return "sparsify"
 
 
 def _progress(iterable, total: int, enabled: bool, desc: str):
@@ -348,15 +285,6 @@ def _record_epoch(run: _Run, epoch: int, phase: str, next_phase: str,
     save_run(run.out / CHECKPOINT, run.cfg, run.model, run.opt, run.sched, run.method,
              run.pruner, run.state)
     record_files(run.out, CHECKPOINT, "metrics.jsonl")
-
-
-def finetune_lr(cfg: TrainConfig, epoch: int) -> float:
-    """The fine-tuning phase's rate at ``epoch``: constant, or a cosine from finetune_lr
-    (first fine-tuning epoch) towards 0 (the last one runs at finetune_lr * (1 - cos(pi/F))/2)."""
-    if cfg.finetune_schedule == "constant":
-        return cfg.finetune_lr
-    k = epoch - (cfg.epochs - cfg.finetune_epochs)  # 0 .. F-1
-    return cfg.finetune_lr * 0.5 * (1.0 + math.cos(math.pi * k / cfg.finetune_epochs))
 
 
 def _init_from(cfg: TrainConfig, model: nn.Module, pruner: Pruner) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .compaction import NotCompactable, Select, build_chain, chain_spec
+from .chain import build_chain, chain_spec
+from .compaction import NotCompactable, Select
 from .compaction import compact as compact_model
 from .container import COMPRESSIONS, FORMAT, _check_output, _digest, export, read  # noqa: F401
 from .encodings import VALUE_FORMATS, candidate_encodings, index_dtype

@@ -136,7 +136,7 @@ def _expected_shapes(arch: Any) -> dict[str, tuple[int, ...]] | None:
     """The state_dict shapes of a bundled architecture (built on the meta device: nothing is
     allocated), or None for a model sensprune does not know (the user's own)."""
     from ..models import MODELS, build_model
-    from .compaction import build_chain
+    from .chain import build_chain
 
     if isinstance(arch, dict) and arch.get("model") == "chain":
         with torch.device("meta"):

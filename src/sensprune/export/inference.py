@@ -113,7 +113,7 @@ def build_from_export(header: dict, state: dict[str, torch.Tensor],
     """The exported network as an nn.Module: a bundled architecture is rebuilt from the
     header; any other (the user's own model) is filled into ``model``, an instance of it."""
     from ..models import MODELS, build_model
-    from .compaction import build_chain, check_select_index
+    from .chain import build_chain, check_select_index
 
     arch = header.get("arch") if isinstance(header.get("arch"), dict) else {}
     if model is None and arch.get("model") == "chain":  # a compacted network: plain layers
