@@ -224,7 +224,8 @@ def _macs(m: dict | None) -> str:
     """Mean multiply-adds per sample after compaction, and how many times fewer than dense."""
     if not m:
         return ""
-    return f"{m['mean'] / 1000:.1f}k ({m['dense'] / m['mean']:.1f}x fewer)"
+    ratio = m["dense"] / m["mean"]
+    return f"{m['mean'] / 1000:.1f}k" + (f" ({ratio:.1f}x fewer)" if ratio > 1.05 else "")
 
 
 def _reuse_note(rows: list[dict]) -> str:
