@@ -7,7 +7,9 @@ and 64, with one thread and with all threads, the median latency over interleave
   compact      the exactly compacted network (``sensprune export --compact``), plain layers
   compact+auto the compacted network as ``sensprune.load`` returns it: CSR only for the
                Linear layers where it was measured faster
-and each one's speed-up over dense. Before timing, every variant's predictions are checked
+and, as deployed on other runtimes, the dense and the compacted network under TorchScript
+(``torch.jit.freeze(torch.jit.script(m))``) and under ONNX Runtime (when installed; one
+session per thread count), each one's speed-up over the eager dense network, the baseline. Before timing, every variant's predictions are checked
 against the dense network on 2,000 test images (they must agree exactly: the same argmax).
 Prints a table, writes JSON.
 
@@ -48,11 +50,46 @@ def variants(path: Path) -> tuple[dict[str, torch.nn.Module], dict, tuple[int, .
     dense = build_from_export(header, state).eval()
     chain, rep = compact_model(dense, shape)
     torch.set_num_threads(1)  # kernel choices measured at one thread
+    scripted = {f"{k} script": torch.jit.freeze(torch.jit.script(copy.deepcopy(m).eval()))
+                for k, m in (("dense", dense), ("compact", chain))}
     return ({"dense": dense, "csr": to_sparse_inference(copy.deepcopy(dense), "sparse"),
-             "compact": chain, "compact+auto": to_sparse_inference(copy.deepcopy(chain), "auto")},
+             "compact": chain, "compact+auto": to_sparse_inference(copy.deepcopy(chain), "auto"),
+             **scripted},
             {"macs": rep["before"]["macs"], "compact_macs": rep["after"]["macs"],
              "shapes": [layer["shape"] for layer in rep["after"]["layers"]],
              "dataset": header.get("dataset", "mnist")}, shape)
+
+
+def onnx_runners(vs: dict, shape, threads: int, x_check: torch.Tensor) -> dict:
+    """The dense and the compacted network as ONNX Runtime sessions (empty without it); each
+    checked against its torch module's predictions first."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {}
+    import tempfile
+
+    from sensprune.export import export_onnx
+
+    runners = {}
+    for name in ("dense", "compact"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(copy.deepcopy(vs[name]), Path(tmp) / "m.onnx", shape)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+            # idle ORT threads spin by default, taking the cores from the torch candidates
+            # timed in the same rounds
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+        def run(x, sess=sess):
+            return sess.run(None, {"input": x.numpy()})[0]
+        with torch.inference_mode():
+            want = vs["dense"](x_check).argmax(1).numpy()
+        if not (run(x_check).argmax(1) == want).all():
+            raise SystemExit(f"ONNX Runtime's {name} network predicts differently")
+        runners[f"{name} onnxruntime"] = run
+    return runners
 
 
 def timed(models: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
@@ -99,8 +136,9 @@ def main() -> None:
             raise SystemExit(f"{label}: predictions differ from the dense network: {agree}")
         for threads in sorted({1, all_threads}):
             torch.set_num_threads(threads)
+            runners = {**vs, **onnx_runners(vs, shape, threads, x_test)}
             for batch in (1, 64):
-                t = timed(vs, torch.randn(batch, *shape), args.rounds)
+                t = timed(runners, torch.randn(batch, *shape), args.rounds)
                 rows.append({"model": label, "file": str(path), "threads": threads,
                              "batch": batch, "us": t,
                              "speedup": {k: t["dense"] / v for k, v in t.items()},
@@ -112,14 +150,14 @@ def main() -> None:
                 print(f"{label:16s} threads {threads} batch {batch:2d}  " + "  ".join(
                     f"{k} {v:8.1f} us ({r['speedup'][k]:4.1f}x)" for k, v in t.items()),
                     flush=True)
-    print("\n| model | threads | batch | dense µs | CSR | compact | compact + auto | "
-          "multiply-adds dense → compact |")
-    print("|---|---|---|---|---|---|---|---|")
+    names = [k for k in rows[0]["speedup"] if k != "dense"] if rows else []
+    print("\n| model | threads | batch | dense µs | " + " | ".join(names)
+          + " | multiply-adds dense → compact |")
+    print("|---|---|---|---|" + "---|" * (len(names) + 1))
     for r in rows:
-        s = r["speedup"]
         print(f"| {r['model']} | {r['threads']} | {r['batch']} | {r['us']['dense']:.0f} | "
-              f"{s['csr']:.2f}x | {s['compact']:.2f}x | {s['compact+auto']:.2f}x | "
-              f"{r['macs']:,} → {r['compact_macs']:,} |")
+              + " | ".join(f"{r['speedup'][k]:.2f}x" for k in names)
+              + f" | {r['macs']:,} → {r['compact_macs']:,} |")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "rows": rows, "rounds": args.rounds, "torch": torch.__version__,

@@ -2,8 +2,8 @@
 
 For each committed model: the export as it is and exactly compacted (``--compact``), its
 arrays stored raw or packed into one LZMA stream (``--compress lzma``), with fp32, fp16 and
-int8 values (one scale per tensor): bytes, times smaller than the dense fp32 parameters, and
-the test error change against the model itself (every file is read back and evaluated on the
+int8 values (one scale per tensor, or one per row: int8-row): bytes, times smaller than the
+dense fp32 parameters, and the test error change against the model itself (every file is read back and evaluated on the
 10,000 test images). The last columns are what an ideal coder would need for the compacted
 model's int8 file: the entropy of its masks (each layer's nonzero pattern as independent
 draws at the layer's density) plus the empirical entropy of its int8 values.
@@ -81,17 +81,20 @@ def main() -> None:
                         print(f"{label:28s} compact {str(compact):5s} {compress:4s} {fmt:4s} "
                               f"{v['file_bytes']:8,d} B {v['ratio']:6.1f}x  "
                               f"{v['error_change']:+.2f} point", flush=True)
-    print("\n| model | layout | fp32 | fp16 | int8 | int8 error change | ideal int8 "
+    formats = list(dict.fromkeys(r["values"] for r in rows))
+    print("\n| model | layout | " + " | ".join(formats) + " | int8 error change | ideal int8 "
           "(mask + values entropy) |")
-    print("|---|---|---|---|---|---|---|")
-    for i in range(0, len(rows), 3):
-        g = {r["values"]: r for r in rows[i:i + 3]}
+    print("|---|---|" + "---|" * (len(formats) + 2))
+    layouts: dict[tuple, dict] = {}
+    for r in rows:
+        layouts.setdefault((r["model"], r["compact"], r["compress"]), {})[r["values"]] = r
+    for (model, compact, compress), g in layouts.items():
         r = g["int8"]
-        layout = ("compacted" if r["compact"] else "as trained") + (
-            ", LZMA" if r["compress"] == "lzma" else "")
+        layout = ("compacted" if compact else "as trained") + (", LZMA" if compress == "lzma" else "")
         ideal = r["mask_bytes"] + r["value_bytes"]
-        print(f"| {r['model']} | {layout} | " + " | ".join(
-            f"{g[v]['bytes']:,} B ({g[v]['ratio']:.0f}x)" for v in ("fp32", "fp16", "int8"))
+        print(f"| {model} | {layout} | " + " | ".join(
+            f"{g[v]['bytes']:,} B ({g[v]['ratio']:.0f}x, {g[v]['error_change']:+.2f})"
+            for v in formats)
             + f" | {r['error_change']:+.2f} | {ideal:,.0f} B ({r['dense_fp32_bytes'] / ideal:.0f}x)"
             " |")
     if args.json:
