@@ -91,12 +91,21 @@ def test_export_and_bench_infer(tmp_path):
     assert e.returncode == 0, e.stderr
     rep = json.loads((tmp_path / "e.json").read_text())
     assert rep["file_bytes"] == f.stat().st_size
-    assert set(rep["formats"]) == {"fp32", "fp16", "int8"}
+    assert set(rep["formats"]) == {"fp32", "fp16", "int8", "int8-row"}
     summary = json.loads((out / "summary.json").read_text())
     assert rep["formats"]["fp32"]["test_error"] == summary["test_error"]  # fp32 is lossless
     b = run("bench-infer", str(f), "--reps", "5", "--json", str(tmp_path / "b.json"))
     assert b.returncode == 0, b.stderr
     assert "whole model" in b.stdout
+    # compacted and packed, from the export itself: a smaller file, the same test error
+    c = tmp_path / "c.safetensors"
+    e = run("export", str(f), "-o", str(c), "--compact", "--compress", "lzma", "--values",
+            "int8", "--json", str(tmp_path / "c.json"))
+    assert e.returncode == 0, e.stderr
+    assert "compacted:" in e.stdout
+    rep_c = json.loads((tmp_path / "c.json").read_text())
+    assert rep_c["formats"]["fp32"]["test_error"] == rep["formats"]["fp16"]["test_error"]
+    assert c.stat().st_size < f.stat().st_size
     assert_usage_error(run("export", str(out), "-o", str(f), "--values", "int4"), "invalid choice")
     f.write_bytes(f.read_bytes()[:-50])
     assert_usage_error(run("bench-infer", str(f)), "truncated or corrupt")
