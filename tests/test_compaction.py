@@ -139,6 +139,8 @@ def test_compacted_lenet5_export_loads_as_plain_layers_scripts_and_matches(tmp_p
             torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(torch.jit.script(loaded)(x), model(x), rtol=1e-5,
                                        atol=1e-5)
+            torch.testing.assert_close(torch.compile(loaded, backend="eager")(x), model(x),
+                                       rtol=1e-5, atol=1e-5)
             auto = sensprune.load(f)  # CSR where measured faster: the same predictions
             torch.testing.assert_close(auto(x), model(x), rtol=1e-4, atol=1e-4)
 

@@ -58,6 +58,9 @@ def bench_infer_markdown(r: dict) -> str:
     for b in sorted({int(k.split("@")[1]) for k in m}):
         lines.append(f"| | {b} | | {m[f'dense@{b}']:.1f} | {m[f'sparse@{b}']:.1f} | "
                      f"{m[f'auto@{b}']:.1f} |")
+    if r.get("chosen"):  # what sensprune.load picked, layer@batch size, by timing
+        lines.append("kernels as loaded (by measurement): " + ", ".join(
+            f"{k} {v}" for k, v in r["chosen"].items()))
     return "\n".join(lines)
 
 

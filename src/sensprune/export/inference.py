@@ -226,4 +226,6 @@ def bench_inference(path: str | Path, batch_sizes=(1, 64), reps: int = 200) -> d
         t = _interleaved(variants, torch.randn(b, *shape), rounds)
         whole.update({f"{k}@{b}": v * 1e6 for k, v in t.items()})
     return {"file": str(path), "layers": rows, "model_us": whole, "reps": reps,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "chosen": {k: "csr" if v["sparse"] else "dense"
+                       for k, v in variants["auto"].kernel_report.items()}}
