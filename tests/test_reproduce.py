@@ -9,6 +9,7 @@ from sensprune.methods import L1Decay, L2Decay
 from sensprune.methods import GradualMagnitude
 from sensprune.methods import SparseVD
 from sensprune.models import LeNet5
+from sensprune.results import to_json
 from sensprune.pruning import Pruner
 from sensprune.reproduce import reproduce
 
@@ -18,27 +19,27 @@ def test_quick_reproduce_writes_consistent_files(quick_lenet300):
     tmp_path, result = quick_lenet300
     from conftest import QUICK_ROWS
 
-    labels = [r["label"] for r in result["rows"]]
+    labels = [r.label for r in result["rows"]]
     assert labels == QUICK_ROWS  # quick mode: seed 0 only, in the order asked
     on_disk = json.loads((tmp_path / "table.json").read_text())
-    assert on_disk["rows"] == result["rows"]
+    assert on_disk["rows"] == to_json(result["rows"])
     md = (tmp_path / "table.md").read_text()
     assert all(f"| {label} |" in md for label in labels)
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     for r in result["rows"]:
         # every row agrees with the zeros in its saved model
-        state = torch.load(tmp_path / r["run_dir"] / "model.pt", weights_only=True)
+        state = torch.load(tmp_path / r.run_dir / "model.pt", weights_only=True)
         # and its compact export holds exactly the same weights
         from sensprune.export import read
-        exported = read(tmp_path / r["run_dir"] / "model.safetensors")[1]
-        for layer in r["remaining_per_layer"]:
+        exported = read(tmp_path / r.run_dir / "model.safetensors")[1]
+        for layer in r.remaining_per_layer:
             assert torch.equal(exported[layer], state[layer])
-        for layer, pct in r["remaining_per_layer"].items():
+        for layer, pct in r.remaining_per_layer.items():
             w = state[layer]
             assert pct == pytest.approx(100.0 * int((w != 0).sum()) / w.numel())
-        assert r["compression_ratio"] == pytest.approx(r["total_params"] / r["nonzero_params"])
-    dense = next(r for r in result["rows"] if r["label"] == "dense")
-    assert dense["compression_ratio"] == 1.0
+        assert r.compression_ratio == pytest.approx(r.total_params / r.nonzero_params)
+    dense = next(r for r in result["rows"] if r.label == "dense")
+    assert dense.compression_ratio == 1.0
 
 
 def test_l1_l2_steps_match_formulas():
@@ -89,23 +90,23 @@ def test_sparse_vd_round_trip_to_plain_layers():
 def test_reproduce_split_over_calls_reuses_finished_runs(quick_lenet300, tmp_path):
     quiet = lambda *_: None  # noqa: E731
     shutil.copytree(quick_lenet300[0], tmp_path, dirs_exist_ok=True)
-    first = {r["label"]: r for r in quick_lenet300[1]["rows"]}
+    first = {r.label: r for r in quick_lenet300[1]["rows"]}
     both = reproduce("lenet300", tmp_path, methods=["dense", "l2-50x"], quick=True, log=quiet)
-    assert [r["run"] for r in both["rows"]] == ["reused", "reused"]
-    assert [r["test_error"] for r in both["rows"]] == [first["dense"]["test_error"],
-                                                       first["l2-50x"]["test_error"]]
+    assert [r.run for r in both["rows"]] == ["reused", "reused"]
+    assert [r.test_error for r in both["rows"]] == [first["dense"].test_error,
+                                                       first["l2-50x"].test_error]
     assert [r["label"] for r in json.loads((tmp_path / "table.json").read_text())["rows"]] == \
         ["dense", "l2-50x"]
     # different settings in the same directory: trained again, not silently reused
     again = reproduce("lenet300", tmp_path, methods=["dense"], quick=True, seed=1, log=quiet)
-    assert [r["run"] for r in again["rows"]] == ["trained"]
+    assert [r.run for r in again["rows"]] == ["trained"]
 
 
 @pytest.mark.e2e
 def test_prune_further_curve_matches_an_independent_count(quick_lenet300):
     tmp_path, result = quick_lenet300
-    row = next(r for r in result["rows"] if r["label"] == "dense")
-    assert [round(p["compression_ratio"], 1) for p in row["curve"]] == [1.5, 2.0, 3.0, 5.0, 8.0]
+    row = next(r for r in result["rows"] if r.label == "dense")
+    assert [round(p["compression_ratio"], 1) for p in row.curve] == [1.5, 2.0, 3.0, 5.0, 8.0]
     # recompute the 8x point by hand: keep the largest 1/8 of the weights, evaluate
     from sensprune.data import load_dataset
     from sensprune.models import build_model
@@ -121,7 +122,7 @@ def test_prune_further_curve_matches_an_independent_count(quick_lenet300):
     with torch.no_grad():
         for w in ws:
             w.mul_(w.abs() >= t)
-    assert row["curve"][-1]["test_error"] == evaluate(model, splits.test)[0]
+    assert row.curve[-1]["test_error"] == evaluate(model, splits.test)[0]
     assert "without retraining" in (tmp_path / "table.md").read_text()
 
 
@@ -129,18 +130,18 @@ def test_prune_further_curve_matches_an_independent_count(quick_lenet300):
 def test_reproduce_seeds_adds_runs_and_their_mean_and_std(tmp_path):
     res = reproduce("lenet300", tmp_path, methods=["dense", "l2-50x"], quick=True, seeds=[0, 1],
                     log=lambda *_: None)
-    labels = [r["label"] for r in res["rows"]]
+    labels = [r.label for r in res["rows"]]
     assert labels == ["dense", "dense-s1", "l2-50x", "l2-50x-s1"]
-    assert [r["seed"] for r in res["rows"]] == [0, 1, 0, 1]
+    assert [r.seed for r in res["rows"]] == [0, 1, 0, 1]
     s0 = json.loads((tmp_path / "l2-50x" / "summary.json").read_text())
     s1 = json.loads((tmp_path / "l2-50x-s1" / "summary.json").read_text())
     assert s0["config"]["seed"] == 0 and s1["config"]["seed"] == 1
-    group = next(g for g in res["groups"] if g["label"] == "l2-50x")
+    group = next(g for g in res["groups"] if g.label == "l2-50x")
     mean_err = (s0["test_error"] + s1["test_error"]) / 2
     std = abs(s0["test_error"] - s1["test_error"]) / 2 ** 0.5  # sample std of two values
-    assert group["seeds"] == [0, 1]
-    assert group["test_error"]["mean"] == pytest.approx(mean_err)
-    assert group["test_error"]["std"] == pytest.approx(std)
+    assert group.seeds == [0, 1]
+    assert group.test_error.mean == pytest.approx(mean_err)
+    assert group.test_error.std == pytest.approx(std)
     md = (tmp_path / "table.md").read_text()
     assert f"| {mean_err:.2f} ± {std:.2f} |" in md or std == 0
 
@@ -164,14 +165,14 @@ method = "l2"
 skip = "too long for this machine"
 ''')
     res = reproduce(str(recipe), tmp_path / "out", log=lambda *_: None)
-    by = {g["label"]: g for g in res["groups"]}
-    assert by["dense"]["status"] == "run" and by["costly"]["status"] == "not run"
-    assert by["costly"]["why"] == "too long for this machine"
+    by = {g.label: g for g in res["groups"]}
+    assert by["dense"].status == "run" and by["costly"].status == "not run"
+    assert by["costly"].why == "too long for this machine"
     assert not (tmp_path / "out" / "costly" / "summary.json").exists()
     md = (tmp_path / "out" / "table.md").read_text()
     assert "| costly | | | not run: too long for this machine |" in md
     empty = reproduce(str(recipe), tmp_path / "empty", assemble=True, log=lambda *_: None)
-    assert [g["status"] for g in empty["groups"]] == ["not run", "not run"]
+    assert [g.status for g in empty["groups"]] == ["not run", "not run"]
     assert empty["rows"] == []
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .report import result_groups
+from .results import table_rows
 
 
 def plot_run(metrics: list[dict], path: str | Path) -> Path | None:
@@ -76,26 +76,27 @@ def plot_pareto(result: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    groups = [g for g in result_groups(result) if g["status"] == "run"]
+    runs, groups = table_rows(result)
+    groups = [g for g in groups if g.status == "run"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    series: dict[str, list[dict]] = {}
+    series: dict[str, list] = {}
     for g in groups:
-        series.setdefault(_family(g["label"]), []).append(g)
+        series.setdefault(_family(g.label), []).append(g)
     markers = "os^Dv<>pXh*P"
     colors = {}
     for i, (fam, gs) in enumerate(series.items()):
-        gs = sorted(gs, key=lambda g: g["compression_ratio"]["mean"])
-        x = [g["compression_ratio"]["mean"] for g in gs]
-        y = [g["test_error"]["mean"] for g in gs]
-        bars = ax.errorbar(x, y, yerr=[g["test_error"]["std"] for g in gs],
-                           xerr=[g["compression_ratio"]["std"] for g in gs],
+        gs = sorted(gs, key=lambda g: g.compression_ratio.mean)
+        x = [g.compression_ratio.mean for g in gs]
+        y = [g.test_error.mean for g in gs]
+        bars = ax.errorbar(x, y, yerr=[g.test_error.std for g in gs],
+                           xerr=[g.compression_ratio.std for g in gs],
                            marker=markers[i % len(markers)], linestyle="-" if len(gs) > 1 else "none",
                            capsize=2, label=fam, color=plt.cm.tab20(i % 20))
         colors[fam] = bars[0].get_color()
-    for r in result["rows"]:  # pruned further without retraining: dotted, the row's colour
-        fam = _family(r.get("group") or re.sub(r"-s\d+$", "", r["label"]))
-        if r.get("curve") and fam in colors and not re.search(r"-s\d+$", r["label"]):
-            pts = [r] + r["curve"]
+    for r in runs:  # pruned further without retraining: dotted, the row's colour
+        fam = _family(r.group)
+        if r.curve and fam in colors and r.label == r.group:  # the recipe seed's run only
+            pts = [{"compression_ratio": r.compression_ratio, "test_error": r.test_error}] + r.curve
             ax.plot([p["compression_ratio"] for p in pts], [p["test_error"] for p in pts],
                     linestyle=":", linewidth=1, color=colors[fam])
     for k, p in enumerate(result["published"]):
@@ -104,12 +105,12 @@ def plot_pareto(result: dict, path: Path) -> Path | None:
                     xytext=(6, 8 if k % 2 == 0 else -12), textcoords="offset points",
                     bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
     # the further-pruned curves climb to chance level; keep the trained points readable
-    errors = sorted([g["test_error"]["mean"] for g in groups] +
+    errors = sorted([g.test_error.mean for g in groups] +
                     [p["test_error"] for p in result["published"]])
     if errors:  # a collapsed row (error far above the rest) must not squash the others
         top = min(1.35 * errors[-1], 2.0 * errors[len(errors) // 2])
         ax.set_ylim(0.75 * errors[0], top)
-        off = [g["label"] for g in groups if g["test_error"]["mean"] > top]
+        off = [g.label for g in groups if g.test_error.mean > top]
         if off:
             ax.text(0.01, 0.98, "above the plot: " + ", ".join(off), transform=ax.transAxes,
                     fontsize=7, va="top")

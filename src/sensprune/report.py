@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from .errors import CheckpointError
+from .results import RunRow, Stat, TableRow, table_rows
 
 # the multiples of its own compression each final model is pruned further to (reproduce)
 CURVE_MULTIPLES = (1.5, 2, 3, 5, 8)
@@ -118,62 +119,31 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     return summary, metrics
 
 
-def _pm(stat: dict, fmt: str = ".2f", suffix: str = "") -> str:
+def _pm(stat: Stat, fmt: str = ".2f", suffix: str = "") -> str:
     """mean ± std (one seed: the value alone)."""
-    if stat["std"] == 0 and stat["min"] == stat["max"]:
-        return f"{stat['mean']:{fmt}}{suffix}"
-    return f"{stat['mean']:{fmt}}{suffix} ± {stat['std']:{fmt}}"
+    if stat.std == 0 and stat.min == stat.max:
+        return f"{stat.mean:{fmt}}{suffix}"
+    return f"{stat.mean:{fmt}}{suffix} ± {stat.std:{fmt}}"
 
 
-def group_rows(rows: list[dict], order: list[str], missing: dict[str, str],
-               notes: dict[str, str], not_run_seeds: dict[str, list[int]] | None = None) -> list[dict]:
-    """One entry per recipe row: its seeds' mean and sample standard deviation of compression,
-    test and validation error and remaining % per layer; or "not run" and why."""
-    out = []
-    for base in dict.fromkeys(order):
-        g = [r for r in rows if r["group"] == base]
-        if not g:
-            out.append({"label": base, "status": "not run", "why": missing.get(base, ""),
-                        "note": notes.get(base, ""), "seeds": []})
-            continue
-        entry = {"label": base, "status": "run", "method": g[0]["method"], "lam": g[0]["lam"],
-                 "epochs": g[0]["epochs"], "note": notes.get(base, ""),
-                 "seeds": [r["seed"] for r in g], "why": missing.get(base, ""),
-                 "seeds_not_run": (not_run_seeds or {}).get(base, [])}
-        for key in ("compression_ratio", "test_error", "val_error", "train_seconds"):
-            vals = [float(r[key]) for r in g]
-            mean = sum(vals) / len(vals)
-            std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-            entry[key] = {"mean": mean, "std": std, "min": min(vals), "max": max(vals)}
-        if all(r.get("compact_macs") for r in g):  # multiply-adds after compaction
-            vals = [float(r["compact_macs"]) for r in g]
-            mean = sum(vals) / len(vals)
-            entry["compact_macs"] = {"mean": mean, "dense": g[0]["macs"], "std": (
-                sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0}
-        entry["remaining_per_layer"] = {
-            n: sum(r["remaining_per_layer"][n] for r in g) / len(g)
-            for n in g[0]["remaining_per_layer"]}
-        out.append(entry)
-    return out
-
-
-def result_groups(result: dict) -> list[dict]:
-    """The table's rows (one per recipe row, over its seeds); older table.json files without
-    them get them computed from their runs."""
-    if result.get("groups") is not None:
-        return result["groups"]
-    rows = [{**r, "group": r.get("group") or re.sub(r"-s\d+$", "", r["label"].split(" lam=")[0])}
-            for r in result["rows"]]
-    return group_rows(rows, [r["group"] for r in rows], {}, {})
+def group_rows(rows: list[RunRow], order: list[str], missing: dict[str, str],
+               notes: dict[str, str],
+               not_run_seeds: dict[str, list[int]] | None = None) -> list[TableRow]:
+    """One table row per recipe row, in ``order``: its seeds' mean and sample standard
+    deviation (compression, errors, multiply-adds after compaction), or "not run" and why."""
+    return [TableRow.of(base, [r for r in rows if r.group == base], why=missing.get(base, ""),
+                        note=notes.get(base, ""),
+                        seeds_not_run=(not_run_seeds or {}).get(base, []))
+            for base in dict.fromkeys(order)]
 
 
 def comparison_markdown(result: dict) -> str:
     """`sensprune reproduce`'s table.md: one line per method row with the mean ± standard
-    deviation over its seeds (compression, test and validation error, remaining % per layer),
-    rows not run and why, the published points, then every run and the further-pruning
-    curves."""
-    rows, groups = result["rows"], result_groups(result)
-    layers = list(rows[0]["remaining_per_layer"]) if rows else []
+    deviation over its seeds (compression, test and validation error, multiply-adds after
+    compaction, remaining % per layer), rows not run and why, the published points, then
+    every run and the further-pruning curves."""
+    rows, groups = table_rows(result)
+    layers = list(rows[0].remaining_per_layer) if rows else []
     env = result.get("environment", {})
     lines = [f"## {result['experiment']}" + (" (quick mode: subset, numbers not meaningful)"
                                               if result["quick"] else ""), "",
@@ -181,24 +151,23 @@ def comparison_markdown(result: dict) -> str:
              f"{result.get('finished', '?')}." + _reuse_note(rows), "",
              "Mean ± sample standard deviation over the seeds listed; compression = weights / "
              "nonzero weights; remaining % per layer is the mean over the seeds.", ""]
-    with_macs = any(g.get("compact_macs") for g in groups)
+    with_macs = any(g.compact_macs for g in groups)
     head = ["method", "λ", "seeds", "compression", "test err %", "val err %"] + \
         (["multiply-adds compacted"] if with_macs else []) + [f"{n} %" for n in layers] + ["epochs"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        name = g["label"] + (f" ({g['note']})" if g.get("note") else "")
-        if g.get("seeds_not_run"):
-            name += f" (seeds {','.join(map(str, g['seeds_not_run']))} not run: {g.get('why')})"
-        if g["status"] != "run":
-            lines.append(f"| {name} | | | not run: {g.get('why') or 'no finished run'} |"
+        name = g.label + (f" ({g.note})" if g.note else "")
+        if g.seeds_not_run:
+            name += f" (seeds {','.join(map(str, g.seeds_not_run))} not run: {g.why})"
+        if g.status != "run":
+            lines.append(f"| {name} | | | not run: {g.why or 'no finished run'} |"
                          + " |" * (len(head) - 4))
             continue
-        cells = [name, f"{g['lam']:g}" if g.get("lam") is not None else "",
-                 ",".join(str(sd) for sd in g["seeds"]),
-                 _pm(g["compression_ratio"], ".1f", "x"), _pm(g["test_error"]),
-                 _pm(g["val_error"])] + (
-            [_macs(g.get("compact_macs"))] if with_macs else []) + \
-            [f"{g['remaining_per_layer'].get(n, float('nan')):.2f}" for n in layers] + [str(g["epochs"])]
+        cells = [name, f"{g.lam:g}" if g.lam is not None else "",
+                 ",".join(str(sd) for sd in g.seeds),
+                 _pm(g.compression_ratio, ".1f", "x"), _pm(g.test_error), _pm(g.val_error)] + (
+            [_macs(g)] if with_macs else []) + \
+            [f"{g.remaining_per_layer.get(n, float('nan')):.2f}" for n in layers] + [str(g.epochs)]
         lines.append("| " + " | ".join(cells) + " |")
     if result["published"]:
         lines += ["", "Published reference points (their own papers and protocols, not rerun "
@@ -207,32 +176,32 @@ def comparison_markdown(result: dict) -> str:
     lines += ["", "### Every run", "", "| run | seed | compression | test err % | val err % | "
               "train s | how |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r.get('seed', '')} | {r['compression_ratio']:.1f}x | "
-                     f"{r['test_error']:.2f} | {r['val_error']:.2f} | {r['train_seconds']:.0f} | "
-                     f"{r.get('run', '')} |")
-    if any(r.get("curve") for r in rows):
+        lines.append(f"| {r.label} | {r.seed} | {r.compression_ratio:.1f}x | "
+                     f"{r.test_error:.2f} | {r.val_error:.2f} | {r.train_seconds:.0f} | "
+                     f"{r.run} |")
+    if any(r.curve for r in rows):
         lines += ["", "Each final model pruned further by one global magnitude threshold, "
                   "without retraining (compression: test error %):", "",
                   "| run | " + " | ".join(f"x{m:g}" for m in CURVE_MULTIPLES) + " |",
                   "|---|" + "---|" * len(CURVE_MULTIPLES)]
         for r in rows:
-            pts = [f"{p['compression_ratio']:.3g}x: {p['test_error']:.2f}" for p in r.get("curve", [])]
+            pts = [f"{p['compression_ratio']:.3g}x: {p['test_error']:.2f}" for p in r.curve]
             pts += ["–"] * (len(CURVE_MULTIPLES) - len(pts))
-            lines.append(f"| {r['label']} | " + " | ".join(pts) + " |")
+            lines.append(f"| {r.label} | " + " | ".join(pts) + " |")
     lines.append("")
     return "\n".join(lines)
 
 
-def _macs(m: dict | None) -> str:
+def _macs(g: TableRow) -> str:
     """Mean multiply-adds per sample after compaction, and how many times fewer than dense."""
-    if not m:
+    if not g.compact_macs:
         return ""
-    ratio = m["dense"] / m["mean"]
-    return f"{m['mean'] / 1000:.1f}k" + (f" ({ratio:.1f}x fewer)" if ratio > 1.05 else "")
+    ratio = (g.dense_macs or g.compact_macs.mean) / g.compact_macs.mean
+    return f"{g.compact_macs.mean / 1000:.1f}k" + (f" ({ratio:.1f}x fewer)" if ratio > 1.05 else "")
 
 
-def _reuse_note(rows: list[dict]) -> str:
-    reused = [r["label"] for r in rows if r.get("run") == "reused"]
+def _reuse_note(rows: list[RunRow]) -> str:
+    reused = [r.label for r in rows if r.run == "reused"]
     if not reused:
         return ""
     return (f" {len(reused)} of {len(rows)} runs were trained by earlier calls with the same "
@@ -268,29 +237,29 @@ def compare_to_table(summary: dict, table: str | Path) -> str:
     path = Path(table)
     try:
         result = json.loads(path.read_text())
-        rows, groups = result["rows"], result_groups(result)
+        rows, groups = table_rows(result)
     except (OSError, ValueError, KeyError, TypeError):
         return f"(no comparison: {path} is not a readable reproduce table.json)"
     same = None
     for r in rows:
         try:
-            saved = json.loads((path.parent / r["run_dir"] / "summary.json").read_text())["config"]
+            saved = json.loads((path.parent / r.run_dir / "summary.json").read_text())["config"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if not [k for k in differing_settings(summary["config"], saved) if k != "seed"]:
-            same = r.get("group") or r["label"]
+            same = r.group
             break
     lines = ["", f"Compared with {path}:", "",
              "| | seeds | compression | test err % | val err % |", "|---|---|---|---|---|",
              f"| **this run** (seed {summary['config']['seed']}) | 1 | "
              f"{summary['compression_ratio']:.1f}x | {summary['test_error']:.2f} | "
              f"{summary['val_error']:.2f} |"]
-    g = next((g for g in groups if g["label"] == same and g["status"] == "run"), None)
+    g = next((g for g in groups if g.label == same and g.status == "run"), None)
     if g is not None:
-        lines.append(f"| committed `{g['label']}` | {','.join(map(str, g['seeds']))} | "
-                     f"{_pm(g['compression_ratio'], '.1f', 'x')} | {_pm(g['test_error'])} "
-                     f"(range {g['test_error']['min']:.2f}–{g['test_error']['max']:.2f}) | "
-                     f"{_pm(g['val_error'])} |")
+        lines.append(f"| committed `{g.label}` | {','.join(map(str, g.seeds))} | "
+                     f"{_pm(g.compression_ratio, '.1f', 'x')} | {_pm(g.test_error)} "
+                     f"(range {g.test_error.min:.2f}–{g.test_error.max:.2f}) | "
+                     f"{_pm(g.val_error)} |")
     else:
         lines.append("| (no committed row has this run's settings) | | | | |")
     lines += [f"| {p['label']} (published) | | {p['compression_ratio']}x | {p['test_error']} | |"

@@ -32,6 +32,7 @@ from .checkpoint import CHECKPOINT, load_checkpoint, safe_load, write_text_atomi
 from .methods import method_class
 from .plots import plot_pareto
 from .report import CURVE_MULTIPLES, comparison_markdown, group_rows
+from .results import RunRow, to_json
 from .train import evaluate, train
 
 EXPERIMENTS = ("lenet300", "lenet5", "lenet5-fashion")
@@ -114,7 +115,7 @@ def reproduce(
     rows = [row for label, group, settings in runs
             if (row := harness.run(label, group, settings)) is not None]
     for row in rows:
-        row["note"] = notes.get(row["group"], "")
+        row.note = notes.get(row.group, "")
     result = {
         "experiment": experiment, "quick": quick, "rows": rows,
         "groups": group_rows(rows, [group for _, group, _ in runs], harness.missing,
@@ -130,7 +131,7 @@ def reproduce(
                         "python": platform.python_version(), "machine": platform.machine(),
                         "threads": torch.get_num_threads()},
     }
-    write_text_atomic(json.dumps(result, indent=2) + "\n", harness.out / "table.json")
+    write_text_atomic(json.dumps(to_json(result), indent=2) + "\n", harness.out / "table.json")
     write_text_atomic(comparison_markdown(result), harness.out / "table.md")
     plot_pareto(result, harness.out / "pareto.png")
     return result
@@ -186,7 +187,7 @@ class _Harness:
             self._splits = (key, load_dataset(*key))
         return self._splits[1]
 
-    def run(self, label: str, group: str, settings: dict) -> dict | None:
+    def run(self, label: str, group: str, settings: dict) -> RunRow | None:
         """The table row of one run (trained, resumed or reused), or None: not run."""
         cfg = self.config(label, settings)
         splits = self.splits(cfg)
@@ -210,17 +211,15 @@ class _Harness:
             export_compact(cfg, state, splits.info, s)
         curve = prune_further_curve(cfg, state, splits) if state is not None else []
         macs = compacted_macs(cfg, state, splits.info) if state is not None else None
-        return {
-            "run": how, "curve": curve, "label": label, "method": cfg.method,
-            "remaining_per_layer": s["remaining_per_layer"],
-            "compression_ratio": s["compression_ratio"], "test_error": s["test_error"],
-            "val_error": s["val_error"], "nonzero_params": s["nonzero_params"],
-            "total_params": s["total_params"], "train_seconds": s["train_seconds"],
-            "epochs": s["epochs"], "run_dir": str(Path(cfg.out).relative_to(self.out)),
-            "lam": cfg.lam if method_class(cfg.method).uses_lam else None,
-            "seed": cfg.seed, "group": group,
-            **({"macs": macs[0], "compact_macs": macs[1]} if macs else {}),
-        }
+        return RunRow(
+            label=label, group=group, seed=cfg.seed, method=cfg.method, run=how,
+            lam=cfg.lam if method_class(cfg.method).uses_lam else None,
+            compression_ratio=s["compression_ratio"], test_error=s["test_error"],
+            val_error=s["val_error"], nonzero_params=s["nonzero_params"],
+            total_params=s["total_params"], train_seconds=s["train_seconds"],
+            epochs=s["epochs"], remaining_per_layer=s["remaining_per_layer"],
+            run_dir=str(Path(cfg.out).relative_to(self.out)), curve=curve,
+            macs=macs[0] if macs else None, compact_macs=macs[1] if macs else None)
 
 
 # Each final model is also magnitude-pruned further, without retraining, to these multiples
