@@ -82,20 +82,25 @@ def read_idx(path: Path, rank: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def find_data_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
-    """Where the IDX files of dataset ``name`` live (see the module docstring for the order)."""
-    info = dataset_info(name)
-    candidates: list[Path] = []
+def data_base(data_dir: str | os.PathLike | None = None) -> Path:
+    """The one data root: --data-dir, then $SENSPRUNE_DATA, then ~/.cache/sensprune."""
     if data_dir is not None:
-        candidates += [Path(data_dir) / name, Path(data_dir)]
-    elif os.environ.get("SENSPRUNE_DATA"):
-        env = Path(os.environ["SENSPRUNE_DATA"])
-        candidates += [env / name, env]
-    else:
-        if info.embedded:
-            return EMBEDDED_DIR / name
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sensprune"
-        candidates += [cache / name]
+        return Path(data_dir)
+    if os.environ.get("SENSPRUNE_DATA"):
+        return Path(os.environ["SENSPRUNE_DATA"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sensprune"
+
+
+def find_data_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Where the IDX files of dataset ``name`` live (see the module docstring for the order):
+    under the data root (``data_base``), in ``<root>/<name>``, ``<root>`` or their ``raw/``;
+    the embedded MNIST when no root was given and none holds it."""
+    info = dataset_info(name)
+    explicit = data_dir is not None or bool(os.environ.get("SENSPRUNE_DATA"))
+    if info.embedded and not explicit:
+        return EMBEDDED_DIR / name
+    base = data_base(data_dir)
+    candidates = [base / name, base] if explicit else [base / name]
     for c in candidates:
         for sub in (c, c / "raw"):
             if any((sub / (f + ext)).exists() for f in _FILES["train"] for ext in ("", ".gz")):
@@ -172,13 +177,8 @@ def num_samples(data: Data) -> int:
 
 
 def _root(name: str, data_dir) -> Path:
-    """Root folder of a non-IDX dataset: --data-dir, then $SENSPRUNE_DATA, then the cache."""
-    if data_dir is not None:
-        base = Path(data_dir)
-    elif os.environ.get("SENSPRUNE_DATA"):
-        base = Path(os.environ["SENSPRUNE_DATA"])
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sensprune"
+    """Root folder of a non-IDX dataset under the data root (``data_base``)."""
+    base = data_base(data_dir)
     return base / name if (base / name).is_dir() else base
 
 
