@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -72,6 +73,35 @@ def insensitivity(s: torch.Tensor, normalize: str = "none", beta: float = 1.0,
     if norm <= 0:  # no signal at all in this layer: every weight is insensitive
         return v.zero_().add_(1.0)
     return v.mul_(-beta / norm).add_(1.0).clamp_(min=decay_floor)
+
+
+@dataclass(frozen=True)
+class DecayForm:
+    """How S becomes the decay factor d of each weight (its settings, checked once):
+    d = max(decay_floor, 1 - beta * S' / norm), S' = |w| S with ``times_weight``, norm from
+    ``normalize`` (see :func:`insensitivity`)."""
+    normalize: str = "none"
+    beta: float = 1.0
+    quantile: float = 0.5
+    decay_floor: float = 0.5
+    times_weight: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.decay_floor <= 1:
+            raise ConfigError(f"decay_floor must be in [0, 1], got {self.decay_floor}")
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not 0 < self.quantile <= 1:
+            raise ConfigError(f"quantile must be in (0, 1], got {self.quantile}")
+
+    def factor(self, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """d for one parameter, computed in place in ``s`` (a fresh tensor)."""
+        if self.times_weight:  # |w| S: the weight's first-order contribution to the output
+            s = s.mul_(weight.detach().abs())
+        return insensitivity(s, self.normalize, self.beta, self.quantile, out=True,
+                             decay_floor=self.decay_floor)
 
 
 class SensitivityRegularizer:
@@ -128,18 +158,11 @@ class SensitivityRegularizer:
         decay_floor: float = 0.5,
     ):
         check_options(kind, reduction, outputs)
-        if not 0 <= decay_floor <= 1:
-            raise ConfigError(f"decay_floor must be in [0, 1], got {decay_floor}")
-        if normalize not in NORMALIZE:
-            raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        self.decay = DecayForm(normalize, float(beta), quantile, float(decay_floor), times_weight)
         if sens_source not in SOURCES:
             raise ConfigError(f"sens_source must be one of {SOURCES}, got {sens_source!r}")
-        if not beta > 0:
-            raise ConfigError(f"beta must be > 0, got {beta}")
         if batchnorm not in BATCHNORM_MODES:
             raise ConfigError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
-        if not 0 < quantile <= 1:
-            raise ConfigError(f"quantile must be in (0, 1], got {quantile}")
         if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
             raise ConfigError(f"lam must be a finite number >= 0, got {lam!r}")
         if sens_every < 1:
@@ -159,10 +182,7 @@ class SensitivityRegularizer:
         self.lam_lr_scaled = lam_lr_scaled
         self.distributed = distributed
         self.output_samples = output_samples
-        self.normalize, self.beta, self.quantile = normalize, float(beta), quantile
         self.sens_source = sens_source
-        self.times_weight = times_weight
-        self.decay_floor = float(decay_floor)
         self.batchnorm = batchnorm
         self.generator = torch.Generator().manual_seed(seed)
         self.insensitivity: dict[str, torch.Tensor] = {}
@@ -216,11 +236,11 @@ class SensitivityRegularizer:
 
     def _set(self, s: dict[str, torch.Tensor]) -> None:
         # in place: S is a fresh tensor, and large allocations cost more than the arithmetic
-        if self.times_weight:  # |w| S: the weight's first-order contribution to the output
-            s = {n: v.mul_(self.params[n].detach().abs()) for n, v in s.items()}
-        self.insensitivity = {n: insensitivity(v, self.normalize, self.beta, self.quantile, out=True,
-                                               decay_floor=self.decay_floor)
-                              for n, v in s.items()}
+        self.insensitivity = {n: self.decay.factor(v, self.params[n]) for n, v in s.items()}
+
+    @property
+    def decay_floor(self) -> float:
+        return self.decay.decay_floor
 
     # -- the update ----------------------------------------------------------------------------
     def effective_lam(self) -> float:
