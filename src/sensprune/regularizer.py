@@ -33,6 +33,7 @@ decay_floor = 0; ``decay_floor=0`` is the paper's literal rule).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterable
@@ -241,6 +242,10 @@ class SensitivityRegularizer:
     @property
     def decay_floor(self) -> float:
         return self.decay.decay_floor
+
+    @decay_floor.setter
+    def decay_floor(self, value: float) -> None:  # checked like at construction
+        self.decay = dataclasses.replace(self.decay, decay_floor=float(value))
 
     # -- the update ----------------------------------------------------------------------------
     def effective_lam(self) -> float:
