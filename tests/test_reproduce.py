@@ -189,3 +189,15 @@ def test_settings_a_method_does_not_read_do_not_block_reuse():
     gmp = make_config(method="gmp", threshold="auto").to_dict()
     assert differing_settings(gmp, {**gmp, "threshold": "schedule"}) == []
     assert differing_settings(gmp, {**gmp, "threshold_mode": "layer"}) == ["threshold_mode"]
+
+
+def test_a_removed_setting_never_makes_two_runs_differ():
+    """Runs saved before a setting was removed (TrainConfig.extra) still match today's, on
+    either side of the comparison (make run's --compare reads old summaries)."""
+    from sensprune.config import differing_settings, make_config
+
+    today = make_config(model="lenet300", lam=1e-3).to_dict()
+    old = {**today, "extra": {}}
+    assert differing_settings(today, old) == []
+    assert differing_settings(old, today) == []
+    assert differing_settings(old, {**today, "lam": 2e-3}) == ["lam"]

@@ -277,7 +277,8 @@ def differing_settings(now: dict[str, Any], saved: dict[str, Any]) -> list[str]:
     """Names of the settings that change the result and differ between two configs (``saved``
     completed by :func:`saved_settings`); a setting the run's method does not read is not
     compared (L2's decay_floor, GMP's threshold)."""
-    now, saved = {**_defaults(), **now}, saved_settings(saved)
+    now = {**_defaults(), **{k: v for k, v in now.items() if k not in REMOVED_SETTINGS}}
+    saved = saved_settings(saved)
     same_method = now.get("method") == saved.get("method")
     return sorted(k for k in set(now) | set(saved) if k not in NOT_RESULT
                   and now.get(k) != saved.get(k)
