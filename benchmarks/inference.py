@@ -25,11 +25,11 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sensprune.data import load_dataset
 from sensprune.export import build_from_export, compact_model, read, to_sparse_inference
+from sensprune.export.inference import interleaved_medians
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = [  # (label, export): about 50x, 100x, 150x / 200x of each network
@@ -93,26 +93,15 @@ def onnx_runners(vs: dict, shape, threads: int, x_check: torch.Tensor) -> dict:
 
 
 def timed(models: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median microseconds per call, candidates interleaved within every round."""
-    inner = max(1, int(2e-3 / max(1e-6, _once(models["dense"], x))))
-    times = {k: [] for k in models}
+    """Median microseconds per call, candidates interleaved within every round; each round
+    calls a candidate for about 2 ms of the dense network's time."""
     with torch.inference_mode():
-        for _ in range(rounds):
-            for k, m in models.items():
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    m(x)
-                times[k].append((time.perf_counter() - t0) / inner)
-    return {k: 1e6 * float(np.median(v)) for k, v in times.items()}
-
-
-def _once(m, x) -> float:
-    with torch.inference_mode():
-        for _ in range(3):
-            m(x)
+        models["dense"](x)
         t0 = time.perf_counter()
-        m(x)
-        return time.perf_counter() - t0
+        models["dense"](x)
+        once = time.perf_counter() - t0
+    inner = max(1, int(2e-3 / max(1e-6, once)))
+    return {k: 1e6 * v for k, v in interleaved_medians(models, x, rounds, inner).items()}
 
 
 def main() -> None:

@@ -239,8 +239,12 @@ def _defaults() -> dict[str, Any]:
 def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved run's config as it ran: keys it lacks take their earlier default, if one
     changed since, else today's."""
-    return {**_defaults(), **EARLIER_DEFAULTS,
-            **{k: v for k, v in saved.items() if k not in REMOVED_SETTINGS}}
+    return {**_defaults(), **EARLIER_DEFAULTS, **_current(saved)}
+
+
+def _current(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings without the ones that no longer exist."""
+    return {k: v for k, v in settings.items() if k not in REMOVED_SETTINGS}
 
 
 # Settings that only some methods read (method names), and those that only the loop's
@@ -277,7 +281,7 @@ def differing_settings(now: dict[str, Any], saved: dict[str, Any]) -> list[str]:
     """Names of the settings that change the result and differ between two configs (``saved``
     completed by :func:`saved_settings`); a setting the run's method does not read is not
     compared (L2's decay_floor, GMP's threshold)."""
-    now = {**_defaults(), **{k: v for k, v in now.items() if k not in REMOVED_SETTINGS}}
+    now = {**_defaults(), **_current(now)}
     saved = saved_settings(saved)
     same_method = now.get("method") == saved.get("method")
     return sorted(k for k in set(now) | set(saved) if k not in NOT_RESULT

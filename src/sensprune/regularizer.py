@@ -97,8 +97,9 @@ class DecayForm:
         if not 0 < self.quantile <= 1:
             raise ConfigError(f"quantile must be in (0, 1], got {self.quantile}")
 
-    def factor(self, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """d for one parameter, computed in place in ``s`` (a fresh tensor)."""
+    def factor(self, s: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """d for one parameter (``weight``: needed with ``times_weight``), computed in place in
+        ``s`` (a fresh tensor)."""
         if self.times_weight:  # |w| S: the weight's first-order contribution to the output
             s = s.mul_(weight.detach().abs())
         return insensitivity(s, self.normalize, self.beta, self.quantile, out=True,

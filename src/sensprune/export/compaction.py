@@ -226,7 +226,7 @@ def _pair_pass(chain: nn.Sequential, p_idx: int, q_idx: int, shapes) -> dict | N
     z = b.view(1, units, *([1] * (len(z_shape) - 1))).expand(1, *z_shape).clone()
     with torch.no_grad():
         v = nn.Sequential(*between).eval()(z)
-    v = v.reshape(units, -1) if isinstance(Q, nn.Linear) else v.reshape(units, -1)
+    v = v.reshape(units, -1)
     constant = (v == v[:, :1]).all(1)
     value = v[:, 0]
     padded = not isinstance(Q, nn.Linear) and any(p != 0 for p in Q.padding)
@@ -313,9 +313,7 @@ def _describe(chain: nn.Sequential, input_shape) -> dict[str, Any]:
     for i, m in enumerate(chain):
         if not isinstance(m, UNIT_TYPES):
             continue
-        positions = math.prod(shapes[i + 1][1:]) if not isinstance(m, nn.Linear) else 1
-        if isinstance(m, nn.Linear) and len(shapes[i + 1]) > 1:
-            positions = math.prod(shapes[i + 1][:-1])
+        positions = math.prod(shapes[i + 1]) // m.weight.shape[0]  # each weight used this often
         macs += m.weight.numel() * positions
         nz_macs += int(m.weight.count_nonzero()) * positions
         layers.append({"index": i, "type": type(m).__name__, "shape": list(m.weight.shape),

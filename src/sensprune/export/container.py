@@ -17,12 +17,9 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from .encodings import LZMA_FILTERS as _LZMA_FILTERS
 from .encodings import (VALUE_FORMATS, _decode_tensor, _encode_tensor, decode_index,
                         encode_index)
-
-# raw LZMA (no container overhead: the header records what is inside), a small dictionary
-_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME,
-                  "dict_size": 1 << 20}]
 _DTYPES = {"|u1": ("U8", np.uint8), "<u2": ("U16", np.uint16), "<u4": ("U32", np.uint32),
            "<u8": ("U64", np.uint64), "<f4": ("F32", np.float32), "<f2": ("F16", np.float16),
            "|i1": ("I8", np.int8)}
@@ -246,16 +243,20 @@ def _packed_layout(packed: Any, declared: dict, file_bytes: int) -> dict:
                        and e[1] in _DTYPES and isinstance(e[2], int) and not isinstance(e[2], bool)
                        and 0 <= e[2] <= MAX_TENSOR_NUMEL for e in packed)):
         raise CheckpointError("malformed packed payload; export it again")
-    total = sum(e[2] * np.dtype(_DTYPES[e[1]][1]).itemsize for e in packed)
+    total = _unpacked_bytes(packed)
     if total > MAX_UNPACKED_PER_FILE_BYTE * file_bytes + (1 << 24):
         raise CheckpointError(f"the header declares {total} unpacked bytes, far more than a "
                               f"{file_bytes}-byte file can hold; refused")
     return {e[0]: ((e[2],), _DTYPES[e[1]][0]) for e in packed}
 
 
+def _unpacked_bytes(packed: list) -> int:
+    return sum(n * np.dtype(_DTYPES[dt][1]).itemsize for _, dt, n in packed)
+
+
 def _unpack(packed: list, blob: np.ndarray) -> dict[str, np.ndarray]:
     """The arrays of an LZMA-packed payload; never more bytes than the header declared."""
-    total = sum(e[2] * np.dtype(_DTYPES[e[1]][1]).itemsize for e in packed)
+    total = _unpacked_bytes(packed)
     dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
     try:
         raw = dec.decompress(blob.tobytes(), max_length=total + 1)

@@ -18,6 +18,8 @@ records each tensor's layout in its header.
 
 from __future__ import annotations
 
+import lzma
+
 import numpy as np
 import torch
 
@@ -131,12 +133,14 @@ def _nbytes(arrays: dict[str, np.ndarray]) -> int:
     return sum(v.nbytes for v in arrays.values())
 
 
+# raw LZMA (no container overhead: the header records what is inside), a small dictionary
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 20}]
+
+
 def _packed_bytes(arrays: dict[str, np.ndarray]) -> int:
     """Bytes of the arrays once LZMA-compressed (how a packed export stores them)."""
-    import lzma
     return len(lzma.compress(b"".join(a.tobytes() for a in arrays.values()),
-                             format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2,
-                                                               "preset": 9, "dict_size": 1 << 20}]))
+                             format=lzma.FORMAT_RAW, filters=LZMA_FILTERS))
 
 
 def _encode_tensor(name: str, t: torch.Tensor, fmt: str,

@@ -72,7 +72,7 @@ class SparseLinear(nn.Module):
                 f"sparse={self.use_sparse}")
 
 
-def _interleaved(fns: dict, x, rounds: int = 15, inner: int = 10) -> dict[str, float]:
+def interleaved_medians(fns: dict, x, rounds: int = 15, inner: int = 10) -> dict[str, float]:
     """Median seconds per call of each function, measured in interleaved rounds (machine
     noise hits every candidate alike)."""
     times = {k: [] for k in fns}
@@ -99,7 +99,7 @@ def choose_kernels(model: nn.Module, batch_sizes=(1, 64), rounds: int = 15) -> d
             choice = []
             for b in sizes:
                 x = torch.randn(b, m.in_features)
-                t = _interleaved({"dense": m.dense_forward, "sparse": m.sparse_forward}, x, rounds)
+                t = interleaved_medians({"dense": m.dense_forward, "sparse": m.sparse_forward}, x, rounds)
                 choice.append(t["sparse"] < t["dense"])
                 report[f"{name}@{b}"] = {"dense_s": t["dense"], "sparse_s": t["sparse"],
                                          "sparse": t["sparse"] < t["dense"]}
@@ -218,12 +218,12 @@ def bench_inference(path: str | Path, batch_sizes=(1, 64), reps: int = 200) -> d
     for b in batch_sizes:
         for _, name, m, _ in _sparse_layers(build_from_export(header, state).eval()):
             x = torch.randn(b, m.in_features)
-            t = _interleaved({"dense": m.dense_forward, "sparse": m.sparse_forward}, x, rounds)
+            t = interleaved_medians({"dense": m.dense_forward, "sparse": m.sparse_forward}, x, rounds)
             rows.append({"layer": name, "batch": b, "density":
                          float(m.weight.count_nonzero()) / m.weight.numel(),
                          "dense_us": t["dense"] * 1e6, "sparse_us": t["sparse"] * 1e6,
                          "speedup": t["dense"] / t["sparse"]})
-        t = _interleaved(variants, torch.randn(b, *shape), rounds)
+        t = interleaved_medians(variants, torch.randn(b, *shape), rounds)
         whole.update({f"{k}@{b}": v * 1e6 for k, v in t.items()})
     return {"file": str(path), "layers": rows, "model_us": whole, "reps": reps,
             "threads": torch.get_num_threads(), "torch": torch.__version__,

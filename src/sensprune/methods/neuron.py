@@ -20,7 +20,7 @@ import torch
 
 from ..distributed import active as dist_active
 from ..errors import ConfigError
-from ..regularizer import NORMALIZE, insensitivity
+from ..regularizer import DecayForm
 from ..sensitivity import LayerRecorder, alpha_matrix, unit_layers, unit_sensitivity_from
 from .base import Method, MethodContext
 
@@ -60,15 +60,11 @@ class NeuronSensitivity(Method):
 
     def __init__(self, model, lam: float, kind: str = "specific", decay_floor: float = 0.0,
                  normalize: str = "none", unit_decay: str = "proportional"):
-        if not 0 <= decay_floor <= 1:
-            raise ConfigError(f"decay_floor must be in [0, 1], got {decay_floor}")
-        if normalize not in NORMALIZE:
-            raise ConfigError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        self.decay = DecayForm(normalize=normalize, decay_floor=float(decay_floor))
         if unit_decay not in UNIT_DECAYS:
             raise ConfigError(f"unit_decay must be one of {UNIT_DECAYS}, got {unit_decay!r}")
-        self.normalize, self.unit_decay = normalize, unit_decay
+        self.unit_decay = unit_decay
         self.model, self.lam, self.kind = model, float(lam), kind
-        self.decay_floor = float(decay_floor)
         self.layers = _hidden_layers(model)
         self.insensitivity: dict[str, torch.Tensor] = {}
 
@@ -88,9 +84,7 @@ class NeuronSensitivity(Method):
         alpha = alpha_matrix(y, targets, self.kind)
         s = unit_sensitivity_from(y, alpha, rec, self.layers, self.kind,
                                   distributed=dist_active())
-        self.insensitivity = {n: insensitivity(v, self.normalize, out=True,
-                                               decay_floor=self.decay_floor)
-                              for n, v in s.items()}
+        self.insensitivity = {n: self.decay.factor(v) for n, v in s.items()}
 
     @torch.no_grad()
     def step(self) -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .definition import ROW_CHUNK, alpha_matrix, check_options
+from .definition import ROW_CHUNK, alpha_matrix, check_options, output_rows, row_grad_outputs
 from .engines.batchnorm import samples_coupled
 from .generic import batched_grad
 from .recorder import LayerRecorder
@@ -35,18 +35,11 @@ def unit_sensitivity_from(y: torch.Tensor, alpha: torch.Tensor, recorder: LayerR
     if not names:
         return {}
     zs = [outputs[layers[n]] for n in names]
-    b, c = y.shape
-    denom = float(b)
-    if kind == "specific":
-        rows, weight = alpha.unsqueeze(0), 1.0
-    else:
-        ks = torch.nonzero(alpha[0] != 0).flatten()
-        rows = torch.zeros((len(ks), b, c), dtype=y.dtype, device=y.device)
-        rows[torch.arange(len(ks)), :, ks] = 1.0
-        weight = float(alpha[0, ks[0]])
+    denom = float(y.shape[0])
+    rows, weight = output_rows(alpha, kind, 1.0)  # the same backward rows as the weight-level S
     out = [torch.zeros(z.shape[1], dtype=torch.float32, device=z.device) for z in zs]
-    for start in range(0, rows.shape[0], ROW_CHUNK):
-        deltas = batched_grad(y, zs, rows[start:start + ROW_CHUNK])
+    for start in range(0, len(rows), ROW_CHUNK):
+        deltas = batched_grad(y, zs, row_grad_outputs(rows[start:start + ROW_CHUNK], alpha))
         for acc, d in zip(out, deltas):  # d: (R, B, units, *positions)
             acc += d.float().abs().transpose(0, 2).reshape(d.shape[2], -1).sum(1)
     if distributed:
