@@ -135,11 +135,8 @@ def _expected_shapes(arch: Any) -> dict[str, tuple[int, ...]] | None:
     from ..models import MODELS, build_model
     from .chain import build_chain
 
-    if isinstance(arch, dict) and arch.get("model") == "chain":
-        with torch.device("meta"):
-            chain = build_chain(arch.get("layers"))
-        return {k: tuple(v.shape) for k, v in chain.state_dict().items()}
-    if not isinstance(arch, dict) or arch.get("model") not in MODELS:
+    chain = isinstance(arch, dict) and arch.get("model") == "chain"
+    if not chain and (not isinstance(arch, dict) or arch.get("model") not in MODELS):
         return None
     nc, shape = arch.get("num_classes"), arch.get("input_shape")
     if (not isinstance(nc, int) or isinstance(nc, bool) or not 1 <= nc <= 1_000_000
@@ -148,6 +145,10 @@ def _expected_shapes(arch: Any) -> dict[str, tuple[int, ...]] | None:
                        for d in shape)):
         raise CheckpointError("the export's architecture (num_classes, input_shape) is out of "
                               "range; export it again")
+    if chain:
+        with torch.device("meta"):
+            layers = build_chain(arch.get("layers"))
+        return {k: tuple(v.shape) for k, v in layers.state_dict().items()}
     try:
         with torch.device("meta"):
             model = build_model(arch["model"], nc, tuple(shape))

@@ -3,8 +3,8 @@ dense kernel, whichever is faster here, and the latency benchmark behind `bench-
 
 from __future__ import annotations
 
+import math
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError
 from .container import read
+from .engine import csr_arrays, csr_matmul, feature_major
 
 
 # -- inference -------------------------------------------------------------------------------------
@@ -35,24 +36,18 @@ class SparseLinear(nn.Module):
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("bias", None if bias is None else bias.contiguous())
         self.register_buffer("index", None if index is None else index.to(torch.int64))
-        full = weight
-        if index is not None:
-            full = weight.new_zeros(weight.shape[0], self.in_features).index_copy_(1, self.index,
-                                                                                   weight)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": it works here
-            warnings.simplefilter("ignore", UserWarning)
-            self.weight_csr = full.to_sparse_csr()
+        self.csr = csr_arrays(weight, self.index)  # its columns: the original input's
+        self.bias_col = None if bias is None else bias.detach()[:, None].contiguous()
         self.use_sparse: list[tuple[int, bool]] = [(1 << 30, weight.count_nonzero() <
                                                     0.3 * weight.numel())]
 
     def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # y^T = W x^T (+ b) with W in CSR: one sparse-dense matmul on the transposed view
-        xt = x.reshape(-1, self.in_features).t()
-        if self.bias is None:
-            y = torch.sparse.mm(self.weight_csr, xt)
-        else:
-            y = torch.addmm(self.bias.unsqueeze(1), self.weight_csr, xt)
-        return y.t().reshape(*x.shape[:-1], self.out_features)
+        # y^T = W x^T (+ b): the CSR product on the feature-major layout (engine.csr_matmul)
+        x2 = x.reshape(-1, self.in_features)
+        y = csr_matmul(feature_major(x2), *self.csr)
+        if self.bias_col is not None:
+            y = y.add_(self.bias_col)
+        return feature_major(y).reshape(*x.shape[:-1], self.out_features)
 
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.index is not None:
@@ -72,20 +67,22 @@ class SparseLinear(nn.Module):
                 f"sparse={self.use_sparse}")
 
 
-def interleaved_medians(fns: dict, x, rounds: int = 15, inner: int = 10) -> dict[str, float]:
+def interleaved_medians(fns: dict, x, rounds: int = 15, inner: int | dict = 10) -> dict[str, float]:
     """Median seconds per call of each function, measured in interleaved rounds (machine
-    noise hits every candidate alike)."""
+    noise hits every candidate alike); ``inner``: calls per round, or a count per function."""
     times = {k: [] for k in fns}
+    counts = inner if isinstance(inner, dict) else dict.fromkeys(fns, inner)
     with torch.inference_mode():
         for f in fns.values():
             for _ in range(3):
                 f(x)
         for _ in range(rounds):
             for k, f in fns.items():
+                n = counts[k]
                 t0 = time.perf_counter()
-                for _ in range(inner):
+                for _ in range(n):
                     f(x)
-                times[k].append((time.perf_counter() - t0) / inner)
+                times[k].append((time.perf_counter() - t0) / n)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
@@ -102,7 +99,8 @@ def choose_kernels(model: nn.Module, batch_sizes=(1, 64), rounds: int = 15) -> d
                 t = interleaved_medians({"dense": m.dense_forward, "sparse": m.sparse_forward}, x, rounds)
                 choice.append(t["sparse"] < t["dense"])
                 report[f"{name}@{b}"] = {"dense_s": t["dense"], "sparse_s": t["sparse"],
-                                         "sparse": t["sparse"] < t["dense"]}
+                                         "sparse": t["sparse"] < t["dense"],
+                                         "kernel": "csr" if t["sparse"] < t["dense"] else "dense"}
             m.use_sparse = [(b if i < len(sizes) - 1 else 1 << 30, c)
                             for i, (b, c) in enumerate(zip(sizes, choice))]
     return report
@@ -188,20 +186,39 @@ def to_sparse_inference(model: nn.Module, kernels: str = "auto") -> nn.Module:
     return model
 
 
+KERNEL_CHOICES = ("auto", "density", "dense", "sparse")
+
+
 def load(path: str | Path, kernels: str = "auto", model: nn.Module | None = None) -> nn.Module:
     """An exported file as an ``nn.Module`` ready for inference (eval mode, no grad needed).
 
-    A compacted export (``sensprune export --compact``) comes back as a plain
-    ``nn.Sequential`` of smaller layers. ``kernels``: 'auto' (CSR only for the Linear layers
-    where it is measured faster, at batch 1 or 64), 'density', 'dense' (no CSR: plain
-    modules for ``torch.jit.script``, ``torch.compile`` and ONNX), 'sparse'.
+    A compacted export (``sensprune export --compact``) comes back as an ``nn.Sequential`` of
+    smaller plain layers: with ``kernels='auto'`` an :class:`~.engine.InferenceChain`, which
+    runs each layer on the kernel measured fastest at batch 1 and 64 (the choices in
+    ``model.kernel_report``); with 'dense' a plain ``nn.Sequential`` (for ``torch.jit.script``,
+    ``torch.compile`` and ONNX). Any other export: 'auto' puts a Linear layer on CSR where that
+    is measured faster, 'density' below 30 % density, 'sparse' everywhere, 'dense' nowhere.
     ``model``: for an export of your own architecture, an instance of it to fill (the bundled
     ones are rebuilt from the file's header).
     """
+    from .engine import InferenceChain
+
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels={kernels!r}: choose one of {', '.join(KERNEL_CHOICES)}")
     header, state = read(path)
+    chain = model is None and header["arch"].get("model") == "chain"
     model = build_from_export(header, state, model)
     for p in model.parameters():
         p.requires_grad_(False)
+    if chain and kernels == "auto":
+        shape = tuple(header["arch"]["input_shape"])
+        # plan at batch 64 only where that activation is small (the shape comes from a file)
+        sizes = (1, 64) if 64 * math.prod(shape) <= 1 << 24 else (1,)
+        try:
+            return InferenceChain(model).plan(shape, sizes)
+        except RuntimeError as exc:  # the declared input shape does not fit the layers
+            raise CheckpointError(f"the export's input shape {list(shape)} does not fit its "
+                                  f"layers ({str(exc)[:80]}); export it again") from None
     return to_sparse_inference(model, kernels)
 
 
@@ -212,7 +229,8 @@ def bench_inference(path: str | Path, batch_sizes=(1, 64), reps: int = 200) -> d
     rows = []
     whole = {}
     variants = {k: to_sparse_inference(build_from_export(header, state), k)
-                for k in ("dense", "sparse", "auto")}
+                for k in ("dense", "sparse")}
+    variants["auto"] = load(path)  # as a user gets it: the engine for a compacted export
     shape = tuple(header["arch"]["input_shape"])
     rounds = max(3, reps // 10)
     for b in batch_sizes:
@@ -227,5 +245,4 @@ def bench_inference(path: str | Path, batch_sizes=(1, 64), reps: int = 200) -> d
         whole.update({f"{k}@{b}": v * 1e6 for k, v in t.items()})
     return {"file": str(path), "layers": rows, "model_us": whole, "reps": reps,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "chosen": {k: "csr" if v["sparse"] else "dense"
-                       for k, v in variants["auto"].kernel_report.items()}}
+            "chosen": {k: v["kernel"] for k, v in variants["auto"].kernel_report.items()}}

@@ -1,0 +1,310 @@
+"""The inference engine of a compacted chain: each layer's kernel chosen by measurement, and
+the chain run in one pass with no module dispatch between layers.
+
+Kernels (all exact: the same sums as the plain layers, in another order):
+  dense      ``F.linear`` on (batch, features) rows, or ``addmm`` on the feature-major
+             (features, batch) layout, where a previous kernel left it
+  csr        a Linear layer's nonzeros in CSR, multiplied by ``torch.embedding_bag`` (one bag
+             per output unit: the sum of its inputs' rows weighted by the nonzeros) on the
+             feature-major layout; it reads a Select's inputs in place
+  pool2      a 2x2 max pooling as two elementwise maxima of strided views (torch's CPU
+             max_pool2d kernel is ~8x slower on one thread)
+  module     the layer's own forward, for everything else
+A layout change costs one transpose (numpy's, about twice as fast as torch's on the CPU).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .compaction import Select
+
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU,
+               nn.Identity)
+_ROUNDS = 15
+
+
+def feature_major(x: torch.Tensor) -> torch.Tensor:
+    """(batch, features) -> contiguous (features, batch), and back (the same operation)."""
+    xt = x.t()
+    if xt.is_contiguous():
+        return xt
+    if (x.numel() >= 4096 and x.device.type == "cpu" and not x.requires_grad
+            and x.dtype in (torch.float32, torch.float64)):  # numpy's call costs ~4 us
+        return torch.from_numpy(np.ascontiguousarray(x.numpy().T))
+    return xt.contiguous()
+
+
+def csr_arrays(weight: torch.Tensor, index: torch.Tensor | None = None):
+    """(column indices, row offsets, values) of a weight's nonzeros; with ``index`` the
+    columns are those of the input before that selection."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": only its arrays are used
+        warnings.simplefilter("ignore", UserWarning)
+        csr = weight.detach().to_sparse_csr()
+    col = csr.col_indices().to(torch.int64)
+    if index is not None:
+        col = index.to(torch.int64)[col]
+    return col.contiguous(), csr.crow_indices()[:-1].to(torch.int64).contiguous(), csr.values()
+
+
+def csr_matmul(xt: torch.Tensor, col: torch.Tensor, offsets: torch.Tensor,
+               values: torch.Tensor) -> torch.Tensor:
+    """W xt for W in CSR and xt feature-major (in, batch): (out, batch)."""
+    if col.numel() == 0:
+        return xt.new_zeros(offsets.numel(), xt.shape[1])
+    return torch.embedding_bag(xt, col, offsets, False, 0, False, values)[0]
+
+
+def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2, 2)`` (floor mode) as two elementwise maxima."""
+    b, c, h, w = x.shape
+    x = x[:, :, : h - h % 2, : w - w % 2]
+    a = x.unflatten(3, (w // 2, 2))
+    a = torch.maximum(a[..., 0], a[..., 1])
+    a = a.unflatten(2, (h // 2, 2))
+    return torch.maximum(a[:, :, :, 0], a[:, :, :, 1])
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _is_pool2x2(m: nn.Module) -> bool:
+    return (type(m) is nn.MaxPool2d and _pair(m.kernel_size) == (2, 2) and _pair(m.stride) ==
+            (2, 2) and _pair(m.padding) == (0, 0) and _pair(m.dilation) == (1, 1)
+            and not m.ceil_mode and not m.return_indices)
+
+
+# -- the steps a plan is made of: (kind, layer position) ---------------------------------------
+# Each step reads what it needs from its layer's entry in ``InferenceChain._entries``
+# (module, weight, bias, bias column, CSR arrays, index), built once from the weights.
+def _module(e, x):
+    return e["module"](x)
+
+
+def _relu_(e, x):  # on a tensor this pass made (never the caller's input)
+    return torch.relu_(x)
+
+
+def _transpose(e, x):
+    return feature_major(x)
+
+
+def _dense_rows(e, x):
+    return F.linear(x, e["weight"], e["bias"])
+
+
+def _dense_fm(e, x):
+    b = e["bias_col"]
+    return torch.mm(e["weight"], x) if b is None else torch.addmm(b, e["weight"], x)
+
+
+def _dense_fm_to_rows(e, x):  # the last layer: BLAS reads the transposed operands in place
+    return F.linear(x.t(), e["weight"], e["bias"])
+
+
+def _select_rows(e, x):
+    return x.index_select(1, e["index"])
+
+
+def _select_fm(e, x):
+    return x.index_select(0, e["index"])
+
+
+def _csr_fm(e, x):
+    y = csr_matmul(x, *e["csr"])
+    return y if e["bias_col"] is None else y.add_(e["bias_col"])
+
+
+def _flatten(e, x):
+    m = e["module"]
+    return x.flatten(m.start_dim, m.end_dim)
+
+
+def _pool2(e, x):
+    return max_pool2x2(x)
+
+
+STEPS = {"module": _module, "relu_": _relu_, "to_fm": _transpose, "to_rows": _transpose,
+         "dense": _dense_rows, "dense_fm": _dense_fm, "dense_t": _dense_fm_to_rows, "select": _select_rows,
+         "select_fm": _select_fm, "csr": _csr_fm, "pool2": _pool2,
+         "flatten": _flatten}
+
+
+class InferenceChain(nn.Sequential):
+    """A compacted chain (its layers, names and state_dict unchanged) that runs each layer on
+    the kernel measured fastest here, per batch size (:meth:`plan`). Training mode, another
+    device, an input of another rank, or parameters that require grad run the plain
+    ``nn.Sequential`` forward. After loading other weights, call :meth:`plan` again."""
+
+    def __init__(self, chain: nn.Sequential):
+        super().__init__(*chain)
+        self.plans: list[tuple[int, list[tuple[str, int]]]] = []
+        self.kernel_report: dict[str, dict] = {}
+        self.input_dim = -1
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Each layer's entry: the module, and for a Linear its weight, bias, bias column and
+        CSR arrays (reading a Select's inputs in place); for a Select its index."""
+        self._entries, self._params = [], list(self.parameters())
+        for i, m in enumerate(self):
+            e = {"module": m}
+            if isinstance(m, nn.Linear):
+                prev = self[i - 1] if i > 0 else None
+                index = prev.index if isinstance(prev, Select) else None
+                bias = None if m.bias is None else m.bias.detach()
+                e.update(weight=m.weight.detach(), bias=bias,
+                         bias_col=None if bias is None else bias[:, None].contiguous(),
+                         csr=csr_arrays(m.weight, index))
+            elif isinstance(m, Select):
+                e["index"] = m.index
+            self._entries.append(e)
+        self._compiled = [(bound, [(STEPS[k], i) for k, i in steps]) for bound, steps in self.plans]
+
+    def _run(self, steps, x):
+        entries = self._entries
+        for kind, i in steps:
+            x = STEPS[kind](entries[i], x)
+        return x
+
+    def _candidates(self, i: int, fm: bool) -> tuple[int, dict[str, list[tuple[str, int]]]]:
+        """(layers covered, {name: steps}) for the layer at ``i`` reached in layout ``fm``."""
+        m = self[i]
+        to_rows = [("to_rows", i)] if fm else []
+        nxt = self[i + 1] if i + 1 < len(self) else None
+        if isinstance(m, Select) and isinstance(nxt, nn.Linear):
+            j = i + 1
+            dense = ([("select_fm", i), ("dense_fm", j)] if fm else [("select", i), ("dense", j)])
+            cands = {"dense": dense}
+            if self._entries[j]["csr"][0].numel():
+                cands["csr"] = ([] if fm else [("to_fm", j)]) + [("csr", j)]
+            return 2, cands
+        if isinstance(m, nn.Linear):
+            cands = {"dense": [("dense_fm", i)] if fm else [("dense", i)]}
+            if self._entries[i]["csr"][0].numel():
+                cands["csr"] = ([] if fm else [("to_fm", i)]) + [("csr", i)]
+            if i == len(self) - 1:  # the output goes back to rows: count that transpose
+                cands = {k: v + [("to_rows", i)] if v[-1][0] in _FM_OUT else v
+                         for k, v in cands.items()}
+                if fm:
+                    cands["dense_t"] = [("dense_t", i)]
+            return 1, cands
+        if isinstance(m, Select):
+            return 1, {"module": [("select_fm", i)] if fm else [("select", i)]}
+        if _is_pool2x2(m):
+            return 1, {"module": to_rows + [("module", i)], "pool2": to_rows + [("pool2", i)]}
+        if isinstance(m, ELEMENTWISE):
+            return 1, {"module": [("module", i)]}
+        if type(m) is nn.Flatten:
+            return 1, {"module": to_rows + [("flatten", i)]}
+        return 1, {"module": to_rows + [("module", i)]}
+
+    @torch.no_grad()
+    def plan(self, input_shape: tuple[int, ...], batch_sizes=(1, 64), rounds: int = _ROUNDS,
+             prefer: tuple[str, ...] = ()) -> InferenceChain:
+        """Choose each layer's kernel at each batch size by timing the candidates on the
+        activation that reaches it (interleaved rounds); a batch between two measured sizes
+        uses the larger one's plan. The timings are kept in ``kernel_report``. ``prefer``
+        (of 'dense', 'csr', 'pool2', 'dense_t'): take the first of these kernels that applies,
+        untimed (tests go through every kernel this way)."""
+        from .inference import interleaved_medians
+
+        self.eval()
+        self.plans, self.kernel_report = [], {}
+        self._prepare()
+        self.input_dim = len(input_shape) + 1
+        sizes = sorted(batch_sizes)
+        for n, b in enumerate(sizes):
+            x = torch.randn(b, *input_shape, dtype=self._dtype())
+            steps: list[tuple[str, int]] = []
+            fm, owned, i = False, False, 0
+            while i < len(self):
+                width, cands = self._candidates(i, fm)
+                if isinstance(self[i], nn.ReLU) and owned:
+                    cands = {"module": [("relu_", i)]}
+                if any(k in cands for k in prefer):
+                    best = next(k for k in prefer if k in cands)
+                elif len(cands) > 1:
+                    t = interleaved_medians({k: (lambda v, s=s: self._run(s, v))
+                                             for k, s in cands.items()}, x, rounds, inner=5)
+                    best = min(t, key=t.get)
+                    self.kernel_report[f"{i}@{b}"] = {"layer": _describe(self[i + width - 1]),
+                                                      "kernel": best,
+                                                      "us": {k: v * 1e6 for k, v in t.items()}}
+                else:
+                    best = next(iter(cands))
+                chosen = cands[best]
+                x = self._run(chosen, x)
+                steps += chosen
+                for kind, j in chosen:
+                    fm = _layout_after(kind, self[j], fm)
+                    owned = _owned_after(kind, self[j], owned)
+                i += width
+            if fm:
+                steps.append(("to_rows", len(self) - 1))
+            self.plans.append((b if n < len(sizes) - 1 else 1 << 62, steps))
+        self._prepare()
+        return self
+
+    def _dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.parameters()), torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or x.device.type != "cpu" or x.dim() != self.input_dim:
+            return super().forward(x)
+        if torch.is_grad_enabled():  # gradients reach the weights only through the layers
+            for p in self._params:
+                if p.requires_grad:
+                    return super().forward(x)
+        entries, b = self._entries, x.shape[0]
+        for bound, steps in self._compiled:
+            if b <= bound:
+                for step, i in steps:
+                    x = step(entries[i], x)
+                return x
+        return super().forward(x)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._prepare()  # the CSR arrays are copies of the weights: rebuild them
+        return out
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if hasattr(self, "_entries"):  # .to(), .double(): the entries follow the weights
+            self._prepare()
+        return out
+
+
+_FM_OUT = ("to_fm", "csr", "dense_fm", "select_fm")
+_ROWS_OUT = ("to_rows", "dense", "dense_t", "select", "pool2", "flatten")
+
+
+def _layout_after(kind: str, layer: nn.Module, fm: bool) -> bool:
+    """Whether the activation is feature-major after a step."""
+    if kind in _FM_OUT:
+        return True
+    if kind in _ROWS_OUT or (kind == "module" and not isinstance(layer, ELEMENTWISE)):
+        return False
+    return fm
+
+
+def _owned_after(kind: str, layer: nn.Module, owned: bool) -> bool:
+    """Whether the activation is a tensor the pass made (safe to change in place): a
+    transpose or a flatten may return a view of the caller's input."""
+    if kind in ("to_fm", "to_rows", "relu_", "flatten") or (
+            kind == "module" and isinstance(layer, (nn.Flatten, nn.Identity))):
+        return owned
+    return True
+
+
+def _describe(m: nn.Module) -> str:
+    if isinstance(m, nn.Linear):
+        return f"Linear({m.in_features}->{m.out_features})"
+    return type(m).__name__

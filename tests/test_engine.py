@@ -1,0 +1,141 @@
+"""The inference engine of a compacted chain (export/engine.py): every kernel it can choose
+gives the plain layers' outputs (random masked networks, batch sizes 1 to 100), it never
+changes the caller's tensor, and it stays an ordinary nn.Sequential (state_dict, deepcopy,
+dtype, training, gradients)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sensprune
+from sensprune.errors import CheckpointError
+from sensprune.export import chain_spec, compact_model, export
+from sensprune.export.engine import InferenceChain, feature_major, max_pool2x2
+
+from test_compaction import _nets, _sparsify
+
+
+def _lenet_like():
+    return (nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3),
+                          nn.MaxPool2d(2, 2), nn.Flatten(), nn.Linear(8 * 2 * 2, 20), nn.ReLU(),
+                          nn.Linear(20, 5)), (1, 17, 17))
+
+
+def _compacted(seed):
+    nets = list(_nets()) + [_lenet_like()]
+    for i, (net, shape) in enumerate(nets):
+        torch.manual_seed(seed * 10 + i)
+        _sparsify(net, seed * 10 + i, density=0.25, dead=0.3)
+        net.eval()
+        chain, _ = compact_model(net, shape)
+        yield net, chain, shape
+
+
+@pytest.mark.parametrize("prefer", [(), ("dense",), ("csr",), ("dense_t", "csr"), ("pool2",)])
+@pytest.mark.parametrize("seed", range(3))
+def test_every_kernel_choice_gives_the_plain_outputs(seed, prefer):
+    for net, chain, shape in _compacted(seed):
+        fast = InferenceChain(copy.deepcopy(chain)).plan(shape, (1, 8), rounds=2, prefer=prefer)
+        for batch in (1, 3, 8, 64):
+            x = torch.randn(batch, *shape)
+            x_before = x.clone()
+            with torch.no_grad():
+                got, want = fast(x), net(x)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert got.is_contiguous() and got.shape == want.shape
+            assert torch.equal(x, x_before)  # in-place kernels only touch the engine's tensors
+
+
+def test_relu_on_the_callers_input_is_not_done_in_place():
+    chain = nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(12, 4)).eval()
+    fast = InferenceChain(copy.deepcopy(chain)).plan((12,), (1, 16), rounds=2)
+    for batch in (1, 16):
+        x = torch.randn(batch, 12)
+        x_before = x.clone()
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), chain(x))
+        assert torch.equal(x, x_before)
+
+
+def test_plan_uses_the_csr_kernel_with_a_select_read_in_place():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(30, 10), nn.ReLU(), nn.Linear(10, 3))
+    with torch.no_grad():
+        net[1].weight.mul_(torch.rand(10, 30) < 0.2)
+        net[1].weight[:, :7] = 0  # unread inputs: a Select in front of the Linear
+    chain, _ = compact_model(net.eval(), (30,))
+    fast = InferenceChain(chain).plan((30,), (4,), rounds=2, prefer=("csr",))
+    kinds = [k for k, _ in fast.plans[0][1]]
+    assert "csr" in kinds and "select" not in kinds and "select_fm" not in kinds
+    x = torch.randn(4, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_it_stays_an_ordinary_sequential():
+    net, chain, shape = next(_compacted(5))
+    fast = InferenceChain(copy.deepcopy(chain)).plan(shape, (1, 8), rounds=2, prefer=("csr",))
+    assert isinstance(fast, nn.Sequential)
+    assert fast.state_dict().keys() == chain.state_dict().keys()
+    x = torch.randn(8, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(copy.deepcopy(fast)(x), chain(x), rtol=1e-5, atol=1e-5)
+        # other weights loaded: the kernels (copies of the weights) are rebuilt
+        other = {k: torch.randn_like(v) if v.is_floating_point() else v
+                 for k, v in chain.state_dict().items()}
+        chain.load_state_dict(other)
+        fast.load_state_dict(other)
+        torch.testing.assert_close(fast(x), chain(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.double()(x.double()), chain.double()(x.double()))
+    # training mode and parameters that want gradients run the plain layers
+    fast.float(), chain.float()
+    for p in fast.parameters():
+        p.requires_grad_(True)
+    fast(x).square().sum().backward()
+    chain(x).square().sum().backward()
+    for a, b in zip(fast.parameters(), chain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (9, 7), (2, 3)])
+def test_pool2x2_is_max_pool2d(hw):
+    x = torch.randn(3, 4, *hw)
+    x[0, 0, 0, 0] = float("-inf")
+    x[1, 1, 1, 1] = float("nan")
+    torch.testing.assert_close(max_pool2x2(x), F.max_pool2d(x, 2, 2), equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (5, 1), (64, 300), (7, 2000), (0, 4)])
+def test_feature_major_is_the_transpose(shape):
+    x = torch.randn(shape)
+    y = feature_major(x)
+    assert y.is_contiguous() and torch.equal(y, x.t())
+
+
+def _export_chain(tmp_path, chain, shape, input_shape=None):
+    arch = {"model": "chain", "num_classes": 3, "input_shape": list(input_shape or shape),
+            "layers": chain_spec(chain)}
+    f = tmp_path / "m.safetensors"
+    export(chain.state_dict(), f, arch)
+    return f
+
+
+def test_load_plans_a_compacted_export_and_reports_the_choice(tmp_path):
+    net, chain, shape = next(_compacted(2))
+    model = sensprune.load(_export_chain(tmp_path, chain, shape))
+    assert isinstance(model, InferenceChain)
+    assert model.kernel_report and all(set(v) == {"layer", "kernel", "us"}
+                                       for v in model.kernel_report.values())
+    x = torch.randn(64, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_input_shape_that_does_not_fit_the_layers_is_refused(tmp_path):
+    net, chain, shape = next(_compacted(2))
+    with pytest.raises(CheckpointError, match="input shape"):
+        sensprune.load(_export_chain(tmp_path, chain, shape, input_shape=(7,)))
+    with pytest.raises(CheckpointError, match="input_shape"):
+        sensprune.load(_export_chain(tmp_path, chain, shape, input_shape=(0,)))
