@@ -1,5 +1,5 @@
 """Deploying a pruned model: the compact file (``container``, with the tensor layouts of
-``encodings``), sparse inference (``inference``), ONNX (``onnx_export``), and
+``encodings``), sparse inference (``engine``, ``inference``), ONNX (``onnx_export``), and
 :func:`export_checkpoint`, the one call behind ``sensprune export``."""
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from .compaction import NotCompactable, Select
 from .compaction import compact as compact_model
 from .container import COMPRESSIONS, FORMAT, _check_output, _digest, export, read  # noqa: F401
 from .encodings import VALUE_FORMATS, candidate_encodings, index_dtype
+from .engine import InferenceChain
 from .inference import (SparseLinear, bench_inference, build_from_export, choose_kernels, load,
                         to_sparse_inference)
 from .onnx_export import check_onnx, export_onnx
 
-__all__ = ["COMPRESSIONS", "FORMAT", "NotCompactable", "Select", "SparseLinear", "VALUE_FORMATS",
+__all__ = ["COMPRESSIONS", "FORMAT", "InferenceChain", "NotCompactable", "Select", "SparseLinear", "VALUE_FORMATS",
            "bench_inference", "build_chain", "build_from_export", "candidate_encodings",
            "chain_spec", "check_onnx", "choose_kernels", "compact_model", "export",
            "export_checkpoint", "export_onnx", "index_dtype", "load", "read",

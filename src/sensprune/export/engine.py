@@ -131,8 +131,8 @@ def _pool2(e, x):
 
 
 STEPS = {"module": _module, "relu_": _relu_, "to_fm": _transpose, "to_rows": _transpose,
-         "dense": _dense_rows, "dense_fm": _dense_fm, "dense_t": _dense_fm_to_rows, "select": _select_rows,
-         "select_fm": _select_fm, "csr": _csr_fm, "pool2": _pool2,
+         "dense": _dense_rows, "dense_fm": _dense_fm, "dense_t": _dense_fm_to_rows,
+         "select": _select_rows, "select_fm": _select_fm, "csr": _csr_fm, "pool2": _pool2,
          "flatten": _flatten}
 
 
@@ -140,7 +140,8 @@ class InferenceChain(nn.Sequential):
     """A compacted chain (its layers, names and state_dict unchanged) that runs each layer on
     the kernel measured fastest here, per batch size (:meth:`plan`). Training mode, another
     device, an input of another rank, or parameters that require grad run the plain
-    ``nn.Sequential`` forward. After loading other weights, call :meth:`plan` again."""
+    ``nn.Sequential`` forward. ``load_state_dict`` and ``.to()`` rebuild the kernels' copies
+    of the weights; call :meth:`plan` again to re-time them."""
 
     def __init__(self, chain: nn.Sequential):
         super().__init__(*chain)
