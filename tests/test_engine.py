@@ -139,3 +139,24 @@ def test_an_input_shape_that_does_not_fit_the_layers_is_refused(tmp_path):
         sensprune.load(_export_chain(tmp_path, chain, shape, input_shape=(7,)))
     with pytest.raises(CheckpointError, match="input_shape"):
         sensprune.load(_export_chain(tmp_path, chain, shape, input_shape=(0,)))
+
+
+def test_script_trace_compile_and_onnx_see_the_plain_layers(tmp_path):
+    net, chain, shape = next(_compacted(4))
+    fast = InferenceChain(copy.deepcopy(chain)).plan(shape, (1, 8), rounds=2, prefer=("csr",))
+    x = torch.randn(8, *shape)
+    with torch.no_grad():
+        want = net(x)
+        torch.testing.assert_close(torch.jit.script(fast)(x), want, rtol=1e-5, atol=1e-5)
+        traced = torch.jit.trace(fast, torch.randn(8, *shape))  # no numpy constant baked in
+        torch.testing.assert_close(traced(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.compile(fast, backend="eager")(x), want,
+                                   rtol=1e-5, atol=1e-5)
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from sensprune.export import export_onnx
+
+    path = export_onnx(fast, tmp_path / "m.onnx", shape)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)

@@ -257,8 +257,9 @@ class InferenceChain(nn.Sequential):
         return next((p.dtype for p in self.parameters()), torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or x.device.type != "cpu" or x.dim() != self.input_dim:
-            return super().forward(x)
+        if (self.training or x.device.type != "cpu" or x.dim() != self.input_dim
+                or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            return super().forward(x)  # tracers and compilers see the plain layers
         if torch.is_grad_enabled():  # gradients reach the weights only through the layers
             for p in self._params:
                 if p.requires_grad:
@@ -270,6 +271,10 @@ class InferenceChain(nn.Sequential):
                     x = step(entries[i], x)
                 return x
         return super().forward(x)
+
+    def __prepare_scriptable__(self) -> nn.Sequential:
+        """``torch.jit.script`` compiles the plain layers (the engine is Python)."""
+        return nn.Sequential(*self)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         out = super().load_state_dict(state_dict, strict=strict, assign=assign)
