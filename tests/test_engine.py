@@ -67,7 +67,7 @@ def test_plan_uses_the_csr_kernel_with_a_select_read_in_place():
         net[1].weight[:, :7] = 0  # unread inputs: a Select in front of the Linear
     chain, _ = compact_model(net.eval(), (30,))
     fast = InferenceChain(chain).plan((30,), (4,), rounds=2, prefer=("csr",))
-    kinds = [k for k, _ in fast.plans[0][1]]
+    kinds = [k for k, _ in fast.plans[torch.get_num_threads()][0][1]]
     assert "csr" in kinds and "select" not in kinds and "select_fm" not in kinds
     x = torch.randn(4, 30)
     with torch.no_grad():
@@ -160,3 +160,21 @@ def test_script_trace_compile_and_onnx_see_the_plain_layers(tmp_path):
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
         None, {"input": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_another_thread_count_gets_its_own_plan_at_its_first_call():
+    net, chain, shape = next(_compacted(3))
+    threads = torch.get_num_threads()
+    fast = InferenceChain(copy.deepcopy(chain)).plan(shape, (1, 8), rounds=2)
+    x = torch.randn(8, *shape)
+    try:
+        torch.set_num_threads(threads + 1)
+        with torch.inference_mode():
+            got = fast(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(fast.plans) == {threads, threads + 1}
+    assert any(k.endswith(f"/{threads + 1}t") for k in fast.kernel_report)
+    with torch.no_grad():
+        torch.testing.assert_close(got, net(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)

@@ -145,9 +145,12 @@ class InferenceChain(nn.Sequential):
 
     def __init__(self, chain: nn.Sequential):
         super().__init__(*chain)
-        self.plans: list[tuple[int, list[tuple[str, int]]]] = []
+        # per torch thread count: [(largest batch size, steps)]; kernels time differently
+        # with more threads (embedding_bag slows down on two), so each count has its own plan
+        self.plans: dict[int, list[tuple[int, list[tuple[str, int]]]]] = {}
         self.kernel_report: dict[str, dict] = {}
         self.input_dim = -1
+        self._plan_args: tuple = ()
         self._prepare()
 
     def _prepare(self) -> None:
@@ -166,7 +169,8 @@ class InferenceChain(nn.Sequential):
             elif isinstance(m, Select):
                 e["index"] = m.index
             self._entries.append(e)
-        self._compiled = [(bound, [(STEPS[k], i) for k, i in steps]) for bound, steps in self.plans]
+        self._compiled = {t: [(bound, [(STEPS[k], i) for k, i in steps]) for bound, steps in p]
+                          for t, p in self.plans.items()}
 
     def _run(self, steps, x):
         entries = self._entries
@@ -211,15 +215,25 @@ class InferenceChain(nn.Sequential):
              prefer: tuple[str, ...] = ()) -> InferenceChain:
         """Choose each layer's kernel at each batch size by timing the candidates on the
         activation that reaches it (interleaved rounds); a batch between two measured sizes
-        uses the larger one's plan. The timings are kept in ``kernel_report``. ``prefer``
-        (of 'dense', 'csr', 'pool2', 'dense_t'): take the first of these kernels that applies,
-        untimed (tests go through every kernel this way)."""
+        uses the larger one's plan. This plans for torch's current thread count; another count
+        is planned at its first call. The timings are kept in ``kernel_report`` (keys: layer
+        position @ batch size / threads). ``prefer`` (of 'dense', 'csr', 'pool2', 'dense_t'):
+        take the first of these kernels that applies, untimed (tests reach every kernel so)."""
+        self.eval()
+        self.plans, self.kernel_report = {}, {}
+        self._plan_args = (tuple(input_shape), tuple(batch_sizes), rounds, tuple(prefer))
+        self.input_dim = len(input_shape) + 1
+        return self._plan_threads()
+
+    @torch.no_grad()
+    @torch.inference_mode(False)  # planned at a first call under inference_mode: plain tensors
+    def _plan_threads(self) -> InferenceChain:
         from .inference import interleaved_medians
 
-        self.eval()
-        self.plans, self.kernel_report = [], {}
+        input_shape, batch_sizes, rounds, prefer = self._plan_args
+        threads = torch.get_num_threads()
         self._prepare()
-        self.input_dim = len(input_shape) + 1
+        plans = self.plans[threads] = []
         sizes = sorted(batch_sizes)
         for n, b in enumerate(sizes):
             x = torch.randn(b, *input_shape, dtype=self._dtype())
@@ -235,7 +249,7 @@ class InferenceChain(nn.Sequential):
                     t = interleaved_medians({k: (lambda v, s=s: self._run(s, v))
                                              for k, s in cands.items()}, x, rounds, inner=5)
                     best = min(t, key=t.get)
-                    self.kernel_report[f"{i}@{b}"] = {"layer": _describe(self[i + width - 1]),
+                    self.kernel_report[f"{i}@{b}/{threads}t"] = {"layer": _describe(self[i + width - 1]),
                                                       "kernel": best,
                                                       "us": {k: v * 1e6 for k, v in t.items()}}
                 else:
@@ -249,7 +263,7 @@ class InferenceChain(nn.Sequential):
                 i += width
             if fm:
                 steps.append(("to_rows", len(self) - 1))
-            self.plans.append((b if n < len(sizes) - 1 else 1 << 62, steps))
+            plans.append((b if n < len(sizes) - 1 else 1 << 62, steps))
         self._prepare()
         return self
 
@@ -264,8 +278,13 @@ class InferenceChain(nn.Sequential):
             for p in self._params:
                 if p.requires_grad:
                     return super().forward(x)
+        compiled = self._compiled.get(torch.get_num_threads())
+        if compiled is None:
+            if not self._plan_args:
+                return super().forward(x)
+            compiled = self._plan_threads()._compiled[torch.get_num_threads()]
         entries, b = self._entries, x.shape[0]
-        for bound, steps in self._compiled:
+        for bound, steps in compiled:
             if b <= bound:
                 for step, i in steps:
                     x = step(entries[i], x)
