@@ -54,7 +54,7 @@ def bench_infer_markdown(r: dict) -> str:
     for row in r["layers"]:
         lines.append(f"| {row['layer']} | {row['batch']} | {row['density']:.4f} | "
                      f"{row['dense_us']:.1f} | {row['sparse_us']:.1f} | {row['speedup']:.2f} |")
-    lines.append("| **whole model** | batch | | dense us | sparse us | auto us |")
+    lines.append("| **whole model** | batch | | dense us | CSR us | as loaded us |")
     m = r["model_us"]
     for b in sorted({int(k.split("@")[1]) for k in m}):
         lines.append(f"| | {b} | | {m[f'dense@{b}']:.1f} | {m[f'sparse@{b}']:.1f} | "
