@@ -15,7 +15,7 @@ A layout change costs one transpose (numpy's, about twice as fast as torch's on 
 
 from __future__ import annotations
 
-import warnings
+import time
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from .compaction import Select
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU,
                nn.Identity)
 _ROUNDS = 15
+_BUDGET_S = 5.0  # planning a larger batch size that would take longer is skipped
 
 
 def feature_major(x: torch.Tensor) -> torch.Tensor:
@@ -41,15 +42,17 @@ def feature_major(x: torch.Tensor) -> torch.Tensor:
 
 
 def csr_arrays(weight: torch.Tensor, index: torch.Tensor | None = None):
-    """(column indices, row offsets, values) of a weight's nonzeros; with ``index`` the
-    columns are those of the input before that selection."""
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": only its arrays are used
-        warnings.simplefilter("ignore", UserWarning)
-        csr = weight.detach().to_sparse_csr()
-    col = csr.col_indices().to(torch.int64)
+    """(column indices, row offsets, values) of a weight's nonzeros, row by row; with ``index``
+    the columns are those of the input before that selection. (Built from ``nonzero``:
+    ``to_sparse_csr`` takes seconds on a large dense matrix.)"""
+    w = weight.detach()
+    rows, cols = w.nonzero(as_tuple=True)  # row-major order
+    values = w[rows, cols]
+    counts = torch.bincount(rows, minlength=w.shape[0])
+    offsets = torch.cumsum(counts, 0) - counts
     if index is not None:
-        col = index.to(torch.int64)[col]
-    return col.contiguous(), csr.crow_indices()[:-1].to(torch.int64).contiguous(), csr.values()
+        cols = index.to(torch.int64)[cols]
+    return cols.contiguous(), offsets.contiguous(), values.contiguous()
 
 
 def csr_matmul(xt: torch.Tensor, col: torch.Tensor, offsets: torch.Tensor,
@@ -151,7 +154,8 @@ class InferenceChain(nn.Sequential):
         self.kernel_report: dict[str, dict] = {}
         self.input_dim = -1
         self._plan_args: tuple = ()
-        self._prepare()
+        self._entries: list[dict] = []
+        self._compiled: dict = {}
 
     def _prepare(self) -> None:
         """Each layer's entry: the module, and for a Linear its weight, bias, bias column and
@@ -163,12 +167,17 @@ class InferenceChain(nn.Sequential):
                 prev = self[i - 1] if i > 0 else None
                 index = prev.index if isinstance(prev, Select) else None
                 bias = None if m.bias is None else m.bias.detach()
+                nnz = int(m.weight.count_nonzero())  # CSR only below 30% density: above, a
+                sparse = 0 < nnz < 0.3 * m.weight.numel()  # dense GEMM always won here
                 e.update(weight=m.weight.detach(), bias=bias,
                          bias_col=None if bias is None else bias[:, None].contiguous(),
-                         csr=csr_arrays(m.weight, index))
+                         csr=csr_arrays(m.weight, index) if sparse else None)
             elif isinstance(m, Select):
                 e["index"] = m.index
             self._entries.append(e)
+        self._compile()
+
+    def _compile(self) -> None:
         self._compiled = {t: [(bound, [(STEPS[k], i) for k, i in steps]) for bound, steps in p]
                           for t, p in self.plans.items()}
 
@@ -187,12 +196,12 @@ class InferenceChain(nn.Sequential):
             j = i + 1
             dense = ([("select_fm", i), ("dense_fm", j)] if fm else [("select", i), ("dense", j)])
             cands = {"dense": dense}
-            if self._entries[j]["csr"][0].numel():
+            if self._entries[j]["csr"] is not None:
                 cands["csr"] = ([] if fm else [("to_fm", j)]) + [("csr", j)]
             return 2, cands
         if isinstance(m, nn.Linear):
             cands = {"dense": [("dense_fm", i)] if fm else [("dense", i)]}
-            if self._entries[i]["csr"][0].numel():
+            if self._entries[i]["csr"] is not None:
                 cands["csr"] = ([] if fm else [("to_fm", i)]) + [("csr", i)]
             if i == len(self) - 1:  # the output goes back to rows: count that transpose
                 cands = {k: v + [("to_rows", i)] if v[-1][0] in _FM_OUT else v
@@ -223,49 +232,74 @@ class InferenceChain(nn.Sequential):
         self.plans, self.kernel_report = {}, {}
         self._plan_args = (tuple(input_shape), tuple(batch_sizes), rounds, tuple(prefer))
         self.input_dim = len(input_shape) + 1
+        self._prepare()
         return self._plan_threads()
 
     @torch.no_grad()
     @torch.inference_mode(False)  # planned at a first call under inference_mode: plain tensors
     def _plan_threads(self) -> InferenceChain:
-        from .inference import interleaved_medians
-
         input_shape, batch_sizes, rounds, prefer = self._plan_args
         threads = torch.get_num_threads()
-        self._prepare()
+        if not self._entries:
+            self._prepare()
         plans = self.plans[threads] = []
         sizes = sorted(batch_sizes)
         for n, b in enumerate(sizes):
-            x = torch.randn(b, *input_shape, dtype=self._dtype())
-            steps: list[tuple[str, int]] = []
-            fm, owned, i = False, False, 0
-            while i < len(self):
-                width, cands = self._candidates(i, fm)
-                if isinstance(self[i], nn.ReLU) and owned:
-                    cands = {"module": [("relu_", i)]}
-                if any(k in cands for k in prefer):
-                    best = next(k for k in prefer if k in cands)
-                elif len(cands) > 1:
-                    t = interleaved_medians({k: (lambda v, s=s: self._run(s, v))
-                                             for k, s in cands.items()}, x, rounds, inner=5)
-                    best = min(t, key=t.get)
-                    self.kernel_report[f"{i}@{b}/{threads}t"] = {"layer": _describe(self[i + width - 1]),
-                                                      "kernel": best,
-                                                      "us": {k: v * 1e6 for k, v in t.items()}}
-                else:
-                    best = next(iter(cands))
-                chosen = cands[best]
-                x = self._run(chosen, x)
-                steps += chosen
-                for kind, j in chosen:
-                    fm = _layout_after(kind, self[j], fm)
-                    owned = _owned_after(kind, self[j], owned)
-                i += width
-            if fm:
-                steps.append(("to_rows", len(self) - 1))
+            steps = self._plan_batch(b, threads)
             plans.append((b if n < len(sizes) - 1 else 1 << 62, steps))
-        self._prepare()
+            if n + 1 < len(sizes):  # planning costs about 15 plain passes at the next size
+                x = torch.randn(b, *input_shape, dtype=self._dtype())
+                t0 = time.perf_counter()
+                nn.Sequential.forward(self, x)
+                if 15 * (time.perf_counter() - t0) * sizes[n + 1] / b > _BUDGET_S:
+                    plans[-1] = (1 << 62, steps)  # a large network: this plan for every size
+                    break
+        self._compile()
         return self
+
+    def _plan_batch(self, b: int, threads: int) -> list[tuple[str, int]]:
+        """The steps at batch size ``b``: layer by layer, the fastest candidate on the
+        activation that reaches the layer."""
+        input_shape, _, rounds, prefer = self._plan_args
+        x = torch.randn(b, *input_shape, dtype=self._dtype())
+        steps: list[tuple[str, int]] = []
+        fm, owned, i = False, False, 0
+        while i < len(self):
+            width, cands = self._candidates(i, fm)
+            if isinstance(self[i], nn.ReLU) and owned:
+                cands = {"module": [("relu_", i)]}
+            if any(k in cands for k in prefer):
+                best = next(k for k in prefer if k in cands)
+            elif len(cands) > 1:
+                t = self._time(cands, x, rounds)
+                best = min(t, key=t.get)
+                self.kernel_report[f"{i}@{b}/{threads}t"] = {
+                    "layer": _describe(self[i + width - 1]), "kernel": best,
+                    "us": {k: v * 1e6 for k, v in t.items()}}
+            else:
+                best = next(iter(cands))
+            x = self._run(cands[best], x)
+            steps += cands[best]
+            for kind, j in cands[best]:
+                fm = _layout_after(kind, self[j], fm)
+                owned = _owned_after(kind, self[j], owned)
+            i += width
+        if fm:
+            steps.append(("to_rows", len(self) - 1))
+        return steps
+
+    def _time(self, cands: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
+        """Median seconds of each candidate; fewer rounds where one call is slow (about 50 ms
+        of timing per candidate at most, 3 rounds at least)."""
+        from .inference import interleaved_medians
+
+        fns = {k: (lambda v, s=s: self._run(s, v)) for k, s in cands.items()}
+        t0 = time.perf_counter()
+        next(iter(fns.values()))(x)
+        once = time.perf_counter() - t0
+        inner = 5 if once < 1e-3 else 1
+        rounds = max(3, min(rounds, int(0.05 / max(once * inner, 1e-9))))
+        return interleaved_medians(fns, x, rounds, inner)
 
     def _dtype(self) -> torch.dtype:
         return next((p.dtype for p in self.parameters()), torch.float32)
@@ -297,12 +331,13 @@ class InferenceChain(nn.Sequential):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         out = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self._prepare()  # the CSR arrays are copies of the weights: rebuild them
+        if self._entries:  # the CSR arrays are copies of the weights: rebuild them
+            self._prepare()
         return out
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        if hasattr(self, "_entries"):  # .to(), .double(): the entries follow the weights
+        if getattr(self, "_entries", None):  # .to(), .double(): the entries follow the weights
             self._prepare()
         return out
 
