@@ -34,8 +34,7 @@ import torch
 from sensprune.data import load_dataset
 from sensprune.export import build_from_export, compact_model, read, to_sparse_inference
 from sensprune.export.compaction import to_chain
-from sensprune.export.engine import InferenceChain
-from sensprune.export.inference import interleaved_medians
+from sensprune.export.engine import InferenceChain, interleaved_medians
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = [  # (label, export): about 50x, 100x, 150x / 200x of each network

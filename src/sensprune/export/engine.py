@@ -30,6 +30,26 @@ _ROUNDS = 15
 _BUDGET_S = 5.0  # planning a larger batch size that would take longer is skipped
 
 
+def interleaved_medians(fns: dict, x, rounds: int = 15,
+                        inner: int | dict = 10) -> dict[str, float]:
+    """Median seconds per call of each function, measured in interleaved rounds (machine
+    noise hits every candidate alike); ``inner``: calls per round, or a count per function."""
+    times = {k: [] for k in fns}
+    counts = inner if isinstance(inner, dict) else dict.fromkeys(fns, inner)
+    with torch.inference_mode():
+        for f in fns.values():
+            for _ in range(3):
+                f(x)
+        for _ in range(rounds):
+            for k, f in fns.items():
+                n = counts[k]
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    f(x)
+                times[k].append((time.perf_counter() - t0) / n)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def feature_major(x: torch.Tensor) -> torch.Tensor:
     """(batch, features) -> contiguous (features, batch), and back (the same operation)."""
     xt = x.t()
@@ -291,8 +311,6 @@ class InferenceChain(nn.Sequential):
     def _time(self, cands: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
         """Median seconds of each candidate; fewer rounds where one call is slow (about 50 ms
         of timing per candidate at most, 3 rounds at least)."""
-        from .inference import interleaved_medians
-
         fns = {k: (lambda v, s=s: self._run(s, v)) for k, s in cands.items()}
         t0 = time.perf_counter()
         next(iter(fns.values()))(x)

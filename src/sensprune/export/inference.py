@@ -4,17 +4,15 @@ dense kernel, whichever is faster here, and the latency benchmark behind `bench-
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError
 from .container import read
-from .engine import csr_arrays, csr_matmul, feature_major
+from .engine import csr_arrays, csr_matmul, feature_major, interleaved_medians
 
 
 # -- inference -------------------------------------------------------------------------------------
@@ -65,25 +63,6 @@ class SparseLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, density="
                 f"{float(self.weight.count_nonzero()) / self.weight.numel():.4f}, "
                 f"sparse={self.use_sparse}")
-
-
-def interleaved_medians(fns: dict, x, rounds: int = 15, inner: int | dict = 10) -> dict[str, float]:
-    """Median seconds per call of each function, measured in interleaved rounds (machine
-    noise hits every candidate alike); ``inner``: calls per round, or a count per function."""
-    times = {k: [] for k in fns}
-    counts = inner if isinstance(inner, dict) else dict.fromkeys(fns, inner)
-    with torch.inference_mode():
-        for f in fns.values():
-            for _ in range(3):
-                f(x)
-        for _ in range(rounds):
-            for k, f in fns.items():
-                n = counts[k]
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    f(x)
-                times[k].append((time.perf_counter() - t0) / n)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def choose_kernels(model: nn.Module, batch_sizes=(1, 64), rounds: int = 15) -> dict:
