@@ -6,11 +6,12 @@ Kernels (all exact: the same sums as the plain layers, in another order):
              (features, batch) layout, where a previous kernel left it
   csr        a Linear layer's nonzeros in CSR, multiplied by ``torch.embedding_bag`` (one bag
              per output unit: the sum of its inputs' rows weighted by the nonzeros) on the
-             feature-major layout; it reads a Select's inputs in place
+             feature-major layout; it reads a Select's inputs in place (below 30% density)
   pool2      a 2x2 max pooling as two elementwise maxima of strided views (torch's CPU
              max_pool2d kernel is ~8x slower on one thread)
   module     the layer's own forward, for everything else
 A layout change costs one transpose (numpy's, about twice as fast as torch's on the CPU).
+The timing (``interleaved_medians``) is shared with ``inference`` and the benchmarks.
 """
 
 from __future__ import annotations
