@@ -23,11 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .chain import _ints
 from .compaction import Select
 
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU,
                nn.Identity)
 _ROUNDS = 15
+CSR_MAX_DENSITY = 0.3  # above it a dense GEMM always won here: CSR is not a candidate
 _BUDGET_S = 5.0  # planning a larger batch size that would take longer is skipped
 
 
@@ -94,19 +96,15 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(a[:, :, :, 0], a[:, :, :, 1])
 
 
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def _is_pool2x2(m: nn.Module) -> bool:
-    return (type(m) is nn.MaxPool2d and _pair(m.kernel_size) == (2, 2) and _pair(m.stride) ==
-            (2, 2) and _pair(m.padding) == (0, 0) and _pair(m.dilation) == (1, 1)
+    return (type(m) is nn.MaxPool2d and _ints(m.kernel_size, 2) == _ints(m.stride, 2) == [2, 2]
+            and _ints(m.padding, 2) == [0, 0] and _ints(m.dilation, 2) == [1, 1]
             and not m.ceil_mode and not m.return_indices)
 
 
 # -- the steps a plan is made of: (kind, layer position) ---------------------------------------
 # Each step reads what it needs from its layer's entry in ``InferenceChain._entries``
-# (module, weight, bias, bias column, CSR arrays, index), built once from the weights.
+# (module; for a Linear its weight, bias, bias column, CSR arrays), built once from the weights.
 def _module(e, x):
     return e["module"](x)
 
@@ -133,11 +131,11 @@ def _dense_fm_to_rows(e, x):  # the last layer: BLAS reads the transposed operan
 
 
 def _select_rows(e, x):
-    return x.index_select(1, e["index"])
+    return x.index_select(1, e["module"].index)
 
 
 def _select_fm(e, x):
-    return x.index_select(0, e["index"])
+    return x.index_select(0, e["module"].index)
 
 
 def _csr_fm(e, x):
@@ -180,7 +178,7 @@ class InferenceChain(nn.Sequential):
 
     def _prepare(self) -> None:
         """Each layer's entry: the module, and for a Linear its weight, bias, bias column and
-        CSR arrays (reading a Select's inputs in place); for a Select its index."""
+        CSR arrays (reading a Select's inputs in place)."""
         self._entries, self._params = [], list(self.parameters())
         for i, m in enumerate(self):
             e = {"module": m}
@@ -188,13 +186,11 @@ class InferenceChain(nn.Sequential):
                 prev = self[i - 1] if i > 0 else None
                 index = prev.index if isinstance(prev, Select) else None
                 bias = None if m.bias is None else m.bias.detach()
-                nnz = int(m.weight.count_nonzero())  # CSR only below 30% density: above, a
-                sparse = 0 < nnz < 0.3 * m.weight.numel()  # dense GEMM always won here
+                nnz = int(m.weight.count_nonzero())
+                sparse = 0 < nnz < CSR_MAX_DENSITY * m.weight.numel()
                 e.update(weight=m.weight.detach(), bias=bias,
                          bias_col=None if bias is None else bias[:, None].contiguous(),
                          csr=csr_arrays(m.weight, index) if sparse else None)
-            elif isinstance(m, Select):
-                e["index"] = m.index
             self._entries.append(e)
         self._compile()
 
@@ -213,23 +209,19 @@ class InferenceChain(nn.Sequential):
         m = self[i]
         to_rows = [("to_rows", i)] if fm else []
         nxt = self[i + 1] if i + 1 < len(self) else None
-        if isinstance(m, Select) and isinstance(nxt, nn.Linear):
-            j = i + 1
-            dense = ([("select_fm", i), ("dense_fm", j)] if fm else [("select", i), ("dense", j)])
-            cands = {"dense": dense}
+        selected = isinstance(m, Select) and isinstance(nxt, nn.Linear)
+        if selected or isinstance(m, nn.Linear):
+            j = i + selected  # the Linear; the CSR kernel reads the Select's inputs in place
+            select = [("select_fm" if fm else "select", i)] if selected else []
+            cands = {"dense": select + [("dense_fm" if fm else "dense", j)]}
             if self._entries[j]["csr"] is not None:
                 cands["csr"] = ([] if fm else [("to_fm", j)]) + [("csr", j)]
-            return 2, cands
-        if isinstance(m, nn.Linear):
-            cands = {"dense": [("dense_fm", i)] if fm else [("dense", i)]}
-            if self._entries[i]["csr"] is not None:
-                cands["csr"] = ([] if fm else [("to_fm", i)]) + [("csr", i)]
-            if i == len(self) - 1:  # the output goes back to rows: count that transpose
-                cands = {k: v + [("to_rows", i)] if v[-1][0] in _FM_OUT else v
+            if j == len(self) - 1:  # the output goes back to rows: count that transpose
+                cands = {k: v + [("to_rows", j)] if v[-1][0] in _FM_OUT else v
                          for k, v in cands.items()}
-                if fm:
-                    cands["dense_t"] = [("dense_t", i)]
-            return 1, cands
+                if fm and not selected:
+                    cands["dense_t"] = [("dense_t", j)]
+            return 1 + selected, cands
         if isinstance(m, Select):
             return 1, {"module": [("select_fm", i)] if fm else [("select", i)]}
         if _is_pool2x2(m):
@@ -261,8 +253,6 @@ class InferenceChain(nn.Sequential):
     def _plan_threads(self) -> InferenceChain:
         input_shape, batch_sizes, rounds, prefer = self._plan_args
         threads = torch.get_num_threads()
-        if not self._entries:
-            self._prepare()
         plans = self.plans[threads] = []
         sizes = sorted(batch_sizes)
         for n, b in enumerate(sizes):

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError
 from .container import read
-from .engine import csr_arrays, csr_matmul, feature_major, interleaved_medians
+from .engine import (CSR_MAX_DENSITY, InferenceChain, csr_arrays, csr_matmul, feature_major,
+                     interleaved_medians)
 
 
 # -- inference -------------------------------------------------------------------------------------
@@ -37,7 +38,7 @@ class SparseLinear(nn.Module):
         self.csr = csr_arrays(weight, self.index)  # its columns: the original input's
         self.bias_col = None if bias is None else bias.detach()[:, None].contiguous()
         self.use_sparse: list[tuple[int, bool]] = [(1 << 30, weight.count_nonzero() <
-                                                    0.3 * weight.numel())]
+                                                    CSR_MAX_DENSITY * weight.numel())]
 
     def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         # y^T = W x^T (+ b): the CSR product on the feature-major layout (engine.csr_matmul)
@@ -180,11 +181,14 @@ def load(path: str | Path, kernels: str = "auto", model: nn.Module | None = None
     ``model``: for an export of your own architecture, an instance of it to fill (the bundled
     ones are rebuilt from the file's header).
     """
-    from .engine import InferenceChain
-
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels={kernels!r}: choose one of {', '.join(KERNEL_CHOICES)}")
-    header, state = read(path)
+    return _inference_model(*read(path), model, kernels)
+
+
+def _inference_model(header: dict, state: dict[str, torch.Tensor], model: nn.Module | None,
+                     kernels: str) -> nn.Module:
+    """:func:`load` after the file is read."""
     chain = model is None and header["arch"].get("model") == "chain"
     model = build_from_export(header, state, model)
     for p in model.parameters():
@@ -209,7 +213,8 @@ def bench_inference(path: str | Path, batch_sizes=(1, 64), reps: int = 200) -> d
     whole = {}
     variants = {k: to_sparse_inference(build_from_export(header, state), k)
                 for k in ("dense", "sparse")}
-    variants["auto"] = load(path)  # as a user gets it: the engine for a compacted export
+    # as a user gets it: the engine for a compacted export
+    variants["auto"] = _inference_model(header, state, None, "auto")
     shape = tuple(header["arch"]["input_shape"])
     rounds = max(3, reps // 10)
     for b in batch_sizes:
