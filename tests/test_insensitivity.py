@@ -187,3 +187,20 @@ def test_bf16_sensitivity_step_on_bn_and_recurrent_models(name, shape):
     for n, d in reg.insensitivity.items():
         assert d.dtype == torch.float32 and bool(torch.isfinite(d).all()), n
     assert any(float(d.min()) < 1.0 for d in reg.insensitivity.values())
+
+
+def test_lstm_model_falls_back_to_float32_where_the_cpu_has_no_bf16_lstm(monkeypatch):
+    """On x86-64 CPUs without AVX-512 oneDNN has no bf16 LSTM: the model runs its LSTM in
+    float32 under autocast instead of raising (forced here, so every host checks the path)."""
+    import sensprune.models as models
+    m = build_model("lstm", 10, (1, 28, 28)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    monkeypatch.setattr(models, "cpu_bf16_lstm_supported", lambda: False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x)
+    with torch.no_grad():
+        seq = x.permute(0, 2, 1, 3).reshape(2, 28, 28)
+        h = m.lstm(seq)[0][:, -1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = m.fc(h)  # only the head runs in bf16
+    torch.testing.assert_close(got, ref)

@@ -7,6 +7,7 @@ knows about pruning. ``prunable_weights(model)`` names the parameters the paper 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable
 
 import torch
@@ -160,8 +161,27 @@ class ConvBNNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+@functools.cache
+def cpu_bf16_lstm_supported() -> bool:
+    """Whether this CPU runs ``nn.LSTM`` under bfloat16 autocast.
+
+    oneDNN has no bf16 LSTM primitive on x86-64 CPUs without AVX-512 and raises "could not
+    create a primitive descriptor"; the answer is probed once, on a tiny LSTM, not guessed
+    from CPU flags (``ONEDNN_MAX_CPU_ISA`` can lower what a capable CPU offers)."""
+    lstm = nn.LSTM(2, 2, batch_first=True)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(torch.zeros(1, 2, 2))
+    except RuntimeError:
+        return False
+    return True
+
+
 class LSTMClassifier(nn.Module):
-    """Generality test model: an LSTM reading a 28x28 image row by row, then a Linear head."""
+    """Generality test model: an LSTM reading a 28x28 image row by row, then a Linear head.
+
+    Under CPU bf16 autocast on a CPU without a bf16 LSTM kernel, the LSTM runs in float32
+    (autocast off for it alone) instead of failing."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, hidden: int = 64,
                  row_size: int = 28):
@@ -172,7 +192,13 @@ class LSTMClassifier(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         seq = x.permute(0, 2, 1, 3).reshape(b, h, c * w)  # (B, rows, features)
-        out, _ = self.lstm(seq)
+        if (seq.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and not cpu_bf16_lstm_supported()):
+            with torch.autocast("cpu", enabled=False):
+                out, _ = self.lstm(seq.float())
+        else:
+            out, _ = self.lstm(seq)
         return self.fc(out[:, -1])
 
 
