@@ -119,6 +119,13 @@ class TrainConfig:
     init_from: str | None = setting(None, "start from a trained run (directory or model.pt); "
                                     "its zero weights stay zero (fine-tune a pruned model)",
                                     metavar="RUN")
+    teacher: str | None = setting(None, "distil from a trained run (directory or model.pt): "
+                                  "the loss mixes cross-entropy with the KL divergence to its "
+                                  "softened outputs, in every phase", metavar="RUN")
+    distill_weight: float = setting(0.5, "teacher: weight of the KL term (cross-entropy "
+                                    "gets 1 - it)", min=0)
+    distill_temperature: float = setting(4.0, "teacher: softmax temperature of both outputs "
+                                         "(the KL term is scaled by its square)", above=0)
     threshold: str | float = setting("auto", "'auto' (largest T within the validation "
                                      "budget), 'schedule' (prune the smallest weights to "
                                      "target_sparsity along a cubic schedule), 'none', or a "
@@ -190,6 +197,11 @@ class TrainConfig:
         if self.init_from is not None and not Path(self.init_from).exists():
             raise ConfigError(f"init_from: {self.init_from} does not exist; give a run directory "
                               "or its model.pt")
+        if self.teacher is not None and not Path(self.teacher).exists():
+            raise ConfigError(f"teacher: {self.teacher} does not exist; give a trained run "
+                              "directory or its model.pt")
+        if self.distill_weight > 1:
+            raise ConfigError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         return self
 
     def _check_types(self) -> None:

@@ -113,6 +113,7 @@ class _Run:
     method: Any
     state: dict
     steps_per_epoch: int
+    teacher: nn.Module | None = None  # distillation (cfg.teacher), eval mode, no grad
 
 
 def _setup(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits | None,
@@ -156,7 +157,7 @@ def _setup(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
         if info.is_main:
             (out / "metrics.jsonl").unlink(missing_ok=True)
     return _Run(cfg, out, splits, model, net, device, opt, sched, pruner, method, state,
-                steps_per_epoch)
+                steps_per_epoch, _load_teacher(cfg, device))
 
 
 def _train(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits | None,
@@ -217,7 +218,10 @@ def _train_epoch(run: _Run, info: "ddp.DistInfo", epoch: int, phase: str) -> tup
         # sum / global batch size, times world size because DDP averages over ranks:
         # the gradient is exactly that of the mean loss over the global batch
         loss_sum_batch = F.cross_entropy(logits, y, reduction="sum")
-        loss = loss_sum_batch * (info.world_size / n_global)
+        objective = loss_sum_batch
+        if run.teacher is not None:
+            objective = _distilled(cfg, run.teacher, x, logits, loss_sum_batch)
+        loss = objective * (info.world_size / n_global)
         (loss + method.penalty() if active else loss).backward()
         opt.step()
         if active:
@@ -298,6 +302,33 @@ def _init_from(cfg: TrainConfig, model: nn.Module, pruner: Pruner) -> None:
     model.load_state_dict(src.state_dict())
     for name, p in pruner.params.items():
         pruner.prune(name, p.detach() != 0)
+
+
+def _load_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module | None:
+    """The trained run to distil from (read like --init-from: no code from the file)."""
+    if not cfg.teacher:
+        return None
+    from .checkpoint import load_run_model
+
+    teacher_cfg, teacher = load_run_model(cfg.teacher)
+    if teacher_cfg.dataset != cfg.dataset:
+        raise ConfigError(f"teacher: {cfg.teacher} was trained on {teacher_cfg.dataset}, this run "
+                          f"on {cfg.dataset}; give a teacher trained on the same data")
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _distilled(cfg: TrainConfig, teacher: nn.Module, x: torch.Tensor, logits: torch.Tensor,
+               ce_sum: torch.Tensor) -> torch.Tensor:
+    """Summed over the batch: (1 - a) CE + a tau^2 KL(teacher_tau || student_tau) (Hinton et
+    al. 2015; tau^2 keeps the soft term's gradient scale independent of tau)."""
+    tau, a = cfg.distill_temperature, cfg.distill_weight
+    with torch.no_grad():
+        soft = F.log_softmax(teacher(x).float() / tau, dim=1)
+    kl = F.kl_div(F.log_softmax(logits / tau, dim=1), soft, log_target=True, reduction="sum")
+    return (1 - a) * ce_sum + a * tau * tau * kl
 
 
 def _diverged(cfg: TrainConfig, out: Path, epoch: int, where: str, what: str) -> TrainingDiverged:
