@@ -154,7 +154,9 @@ def test_errors():
     with pytest.raises(ConfigError, match="integer tensor of shape"):
         sensitivity(m, x, torch.tensor([0.0, 1.0, 2.0]))
     with pytest.raises(ConfigError, match=r"shape \(batch, classes\)"):
-        sensitivity(nn.Linear(12, 4), torch.randn(3, 2, 12), kind="unspecific")
+        sensitivity(nn.Linear(12, 4), torch.randn(12), kind="unspecific")  # no batch
+    with pytest.raises(ConfigError, match=r"integer tensor of shape \(3, 2\)"):
+        sensitivity(nn.Linear(12, 4), torch.randn(3, 2, 12), torch.tensor([0, 1, 2]))
     with pytest.raises(ConfigError, match="kind must be"):
         sensitivity(m, x, kind="nope")
     with pytest.raises(ConfigError, match="reduction must be"):

@@ -12,6 +12,7 @@ from typing import Any
 from .errors import ConfigError
 from .methods import REGISTRY
 from .methods.neuron import UNIT_DECAYS
+from .models import SELECTIONS
 from .regularizer import NORMALIZE, SOURCES
 from .sensitivity import BATCHNORM_MODES, KINDS, OUTPUTS, REDUCTIONS
 
@@ -25,7 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kind": KINDS,
     "reduction": REDUCTIONS,
     "outputs": OUTPUTS,
-    "regularize": ("weights", "weights+biases", "all"),
+    "regularize": SELECTIONS,
     "threshold_mode": ("global", "layer"),
     "normalize": NORMALIZE,
     "unit_decay": UNIT_DECAYS,
@@ -124,7 +125,7 @@ class TrainConfig:
                                   "softened outputs, in every phase", metavar="RUN")
     distill_weight: float = setting(0.5, "teacher: weight of the KL term (cross-entropy "
                                     "gets 1 - it)", min=0)
-    distill_temperature: float = setting(4.0, "teacher: softmax temperature of both outputs "
+    distill_temperature: float = setting(2.0, "teacher: softmax temperature of both outputs "
                                          "(the KL term is scaled by its square)", above=0)
     threshold: str | float = setting("auto", "'auto' (largest T within the validation "
                                      "budget), 'schedule' (prune the smallest weights to "

@@ -234,41 +234,65 @@ def use_channels_last(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Modu
     return model
 
 
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase, nn.Embedding)
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase)
+# nn.MultiheadAttention's own weights (its out_proj is a Linear of its own)
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
-def prunable_weights(model: nn.Module, include_biases: bool = False) -> dict[str, nn.Parameter]:
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """``transformers``' Conv1D (GPT-2's projections: a Linear with its weight stored (in, out)),
+    recognized without importing transformers."""
+    t = type(module)
+    return t.__name__ == "Conv1D" and t.__module__.startswith("transformers.")
+
+
+def _layer_weights(mod: nn.Module, include_biases: bool, embeddings: bool):
+    """The (name, parameter) pairs of one layer that count as weights (biases on request)."""
+    if isinstance(mod, _WEIGHT_LAYERS) or is_hf_conv1d(mod) or (
+            embeddings and isinstance(mod, nn.Embedding)):
+        for n, p in mod.named_parameters(recurse=False):
+            if include_biases or not n.startswith("bias"):
+                yield n, p
+    elif isinstance(mod, nn.MultiheadAttention):
+        for n, p in mod.named_parameters(recurse=False):
+            if n in _ATTENTION_WEIGHTS or (include_biases and n in ("in_proj_bias",)):
+                yield n, p
+
+
+def prunable_weights(model: nn.Module, include_biases: bool = False,
+                     embeddings: bool = False) -> dict[str, nn.Parameter]:
     """Parameters that count as the network's weights (the paper's |theta|), by name.
 
-    Weights of Linear, Conv, recurrent and Embedding layers; with ``include_biases`` their
-    biases too. Normalization parameters are never included.
+    Weights of Linear, Conv, recurrent layers, ``nn.MultiheadAttention``'s packed in-projection
+    (Q, K, V) and ``transformers``' Conv1D; with ``include_biases`` their biases too; with
+    ``embeddings`` the tables of every ``nn.Embedding`` (token, position, token-type), which are
+    left out by default: a lookup table is not a layer the pruning literature counts (BERT
+    pruning keeps them dense). A tied tensor (GPT-2's ``lm_head`` and ``wte``) counts once, under
+    its ``model.named_parameters()`` name. Normalization parameters are never included.
     """
-    out: dict[str, nn.Parameter] = {}
-    for mod_name, mod in model.named_modules():
-        if not isinstance(mod, _WEIGHT_LAYERS):
-            continue
-        for p_name, p in mod.named_parameters(recurse=False):
-            is_bias = p_name.startswith("bias")
-            if is_bias and not include_biases:
-                continue
-            out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
-    return out
+    chosen = {id(p) for mod in model.modules()
+              for _, p in _layer_weights(mod, include_biases, embeddings)}
+    return {n: p for n, p in model.named_parameters() if id(p) in chosen}
+
+
+SELECTIONS = ("weights", "weights+embeddings", "weights+biases", "all")
 
 
 def select_params(model: nn.Module, which: str | Iterable[str] = "weights") -> dict[str, nn.Parameter]:
-    """Parameters the method regularizes: 'weights' (Linear/Conv/recurrent weights, the
-    default), 'weights+biases', 'all' (normalization parameters too) or explicit names."""
+    """Parameters the method regularizes: 'weights' (the default: Linear, Conv, recurrent and
+    attention-projection weights, see :func:`prunable_weights`), 'weights+embeddings' (and every
+    nn.Embedding table), 'weights+biases', 'all' (normalization parameters and embeddings too)
+    or explicit names. Each tensor appears once, under its ``named_parameters()`` name."""
     # a frozen parameter (requires_grad=False) is the user's to keep: never decayed or pruned
-    if which == "weights":
-        return {n: p for n, p in prunable_weights(model).items() if p.requires_grad}
-    if which == "weights+biases":
-        return {n: p for n, p in prunable_weights(model, include_biases=True).items()
-                if p.requires_grad}
+    if which in SELECTIONS[:3]:
+        return {n: p for n, p in prunable_weights(
+            model, include_biases=which == "weights+biases",
+            embeddings=which == "weights+embeddings").items() if p.requires_grad}
     if which == "all":
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
     if isinstance(which, str):
-        raise ConfigError(f"params must be 'weights', 'weights+biases', 'all' or a list of "
-                          f"names, got {which!r}")
+        raise ConfigError(f"params must be one of {', '.join(map(repr, SELECTIONS))} or a list "
+                          f"of names, got {which!r}")
     named = dict(model.named_parameters())
     missing = [n for n in which if n not in named]
     if missing:

@@ -44,8 +44,10 @@ import torch.nn as nn
 from .distributed import active as dist_active
 from .errors import ConfigError
 from .models import current_params, select_params  # noqa: F401  (select_params: re-exported)
-from .sensitivity import (BATCHNORM_MODES, LayerRecorder, alpha_matrix, check_options, compute,
+from .sensitivity import (BATCHNORM_MODES, LayerRecorder, check_options, compute,
                           samples_coupled)
+from .sensitivity.definition import outputs_and_alpha
+from .sensitivity.inputs import OutputSelector, model_output
 from .sensitivity import sensitivity as sensitivity_of
 
 NORMALIZE = ("none", "mean", "max", "quantile")
@@ -113,8 +115,9 @@ class SensitivityRegularizer:
         model: the network (left unmodified: no hooks stay, no parameters renamed).
         lam: the regularization factor lambda.
         kind, reduction, outputs: see :func:`sensprune.sensitivity`.
-        regularize: which parameters (see :func:`select_params`): "weights", "weights+biases",
-            "all", or a list of names.
+        regularize: which parameters (see :func:`select_params`): "weights" (Linear, Conv,
+            recurrent, attention projections), "weights+embeddings", "weights+biases", "all",
+            or a list of names.
         sens_every: recompute the sensitivity every N steps (the last value is reused between).
         optimizer: needed only with ``lam_lr_scaled=True``.
         lam_lr_scaled: use lam_eff = lam * current learning rate (else lam_eff = lam, the paper's).
@@ -158,6 +161,7 @@ class SensitivityRegularizer:
         times_weight: bool = False,
         batchnorm: str = "frozen",
         decay_floor: float = 0.5,
+        output: OutputSelector | None = None,
     ):
         check_options(kind, reduction, outputs)
         self.decay = DecayForm(normalize, float(beta), quantile, float(decay_floor), times_weight)
@@ -186,6 +190,7 @@ class SensitivityRegularizer:
         self.output_samples = output_samples
         self.sens_source = sens_source
         self.batchnorm = batchnorm
+        self.output = output
         self.generator = torch.Generator().manual_seed(seed)
         self.insensitivity: dict[str, torch.Tensor] = {}
         self.steps = 0
@@ -198,7 +203,10 @@ class SensitivityRegularizer:
     @contextlib.contextmanager
     def observe(self, targets: torch.Tensor | None = None):
         """Wrap the training forward: the sensitivity is computed from that same forward
-        (its outputs stay usable for the loss and its backward)."""
+        (its outputs stay usable for the loss and its backward). The model may be called with
+        any arguments and return a tensor, a tuple, a dict or a ``ModelOutput`` (see
+        ``output=``); targets are (B,) class indices, or (B, T) for sequence outputs (B, T, C),
+        -100 at positions to leave out."""
         if not self.due() or self.lam == 0 or self.sens_source == "loss":
             yield
             return
@@ -212,24 +220,25 @@ class SensitivityRegularizer:
             raise RuntimeError(f"observe() expects exactly one model forward inside the block, "
                                f"saw {rec.n_forward}")
         if refeed:
-            self._set(self._sensitivity(rec.inputs[0], targets, distributed=self._distributed()))
+            self._set(self._sensitivity(rec.call(), targets, distributed=self._distributed()))
         else:
             self._set(self._from_output(rec.output, targets, rec))
 
-    def update(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> None:
-        """Compute the sensitivity from a separate forward on (inputs, targets)."""
+    def update(self, inputs, targets: torch.Tensor | None = None) -> None:
+        """Compute the sensitivity from a separate forward on (inputs, targets); inputs as
+        :func:`sensprune.sensitivity` takes them (a tensor, a tuple, a dict of keywords)."""
         self._set(self._sensitivity(inputs, targets))
 
     def _sensitivity(self, inputs, targets, distributed: bool = False):
         return sensitivity_of(self.model, inputs, targets, kind=self.kind, reduction=self.reduction,
                            outputs=self.outputs, params=list(self.params),
                            output_samples=self.output_samples, generator=self.generator,
-                           batchnorm=self.batchnorm, distributed=distributed)
+                           batchnorm=self.batchnorm, distributed=distributed,
+                           output=self.output)
 
-    def _from_output(self, logits, targets, rec):
-        logits = logits.float()  # under autocast: alpha, softmax and S in float32
-        y = torch.softmax(logits, dim=-1) if self.outputs == "probs" and logits.dim() == 2 else logits
-        alpha = alpha_matrix(y, targets, self.kind, self.output_samples, self.generator)
+    def _from_output(self, out, targets, rec):
+        y, alpha = outputs_and_alpha(model_output(out, self.output), targets, self.kind,
+                                     self.outputs, self.output_samples, self.generator)
         return compute(self.model, y, alpha, self.params, self.kind, self.reduction, rec,
                        distributed=self._distributed())
 

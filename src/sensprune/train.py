@@ -257,6 +257,7 @@ def _epoch_end(run: _Run, epoch: int, phase: str, next_phase: str) -> float | No
                                               lambda: evaluate(run.model, run.splits.val)))
     if threshold is not None:  # every rank holds rank 0's masks
         ddp.broadcast_masks(run.pruner.masks)
+        run.pruner.masks_changed()
         run.pruner.apply()
     if last:
         run.method.end_phase()

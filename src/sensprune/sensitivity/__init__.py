@@ -17,14 +17,14 @@ import sys
 import types
 
 from .definition import (KINDS, OUTPUTS, REDUCTIONS, alpha_matrix, check_options, compute,
-                         sensitivity)
+                         coverage, sensitivity)
 from .engines import ENGINES, Engine, engine_for, register
 from .engines.batchnorm import BATCHNORM_MODES, frozen_batch_stats, samples_coupled
 from .recorder import LayerRecorder
 from .units import UNIT_TYPES, unit_layers, unit_sensitivity, unit_sensitivity_from
 
 __all__ = ["BATCHNORM_MODES", "ENGINES", "Engine", "KINDS", "LayerRecorder", "OUTPUTS",
-           "REDUCTIONS", "UNIT_TYPES", "alpha_matrix", "check_options", "compute",
+           "REDUCTIONS", "UNIT_TYPES", "alpha_matrix", "check_options", "compute", "coverage",
            "engine_for", "frozen_batch_stats", "register", "samples_coupled", "sensitivity",
            "unit_layers", "unit_sensitivity", "unit_sensitivity_from"]
 

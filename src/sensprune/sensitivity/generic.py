@@ -40,45 +40,53 @@ def batched_grad(y, inputs, grad_outputs):
 
 
 def generic_sensitivity(y, alpha, params: list[torch.Tensor], reduction: str, denom: float,
-             distributed: bool = False) -> list[torch.Tensor]:
+                        distributed: bool = False, kind: str = "specific") -> list[torch.Tensor]:
     """Exact S for any parameter through per-row backward passes (rows chunked).
 
     ``denom`` is the global batch size. With ``distributed``, the batch reduction sums each
     chunk of per-class gradients over ranks before taking |.| (the sample reduction is summed
     over ranks by the caller)."""
-    b, c = y.shape
     out = [torch.zeros_like(p) for p in params]
     if not params:
         return out
+    c = y.shape[-1]
+    flat = alpha.reshape(alpha.shape[0], -1, c)  # (B, positions, C)
+    # Each row is (sample or None for all, class or None for alpha's own, weight); its
+    # grad_output is built only when its chunk runs (a sequence's rows are large).
     if reduction == "batch":
-        # Row k: d/dw (1/B) sum_n alpha_{n,k} y_{n,k}; S = sum_k |row_k|. Every rank must run
-        # the same rows, so in DDP all classes are rows, present locally or not.
-        ks = [k for k in range(c) if distributed or bool(alpha[:, k].any())]
-        rows = []
-        for k in ks:
-            g = torch.zeros_like(y)
-            g[:, k] = alpha[:, k] / denom
-            rows.append(g)
-        weights = [1.0] * len(rows)
+        # Row k: d/dw (1/B) sum_n sum_t alpha_{n,t,k} y_{n,t,k}; S = sum_k |row_k|. Every rank
+        # must run the same rows, so in DDP all classes are rows, present locally or not.
+        present = (flat != 0).any(1).any(0)
+        specs = [(None, k, 1.0) for k in range(c) if distributed or bool(present[k])]
+    elif kind == "specific":
+        # Row n: d(sum_t y_{n,t,target})/dw over the kept positions, weight 1/B
+        specs = [(n, None, 1.0 / denom) for n in range(flat.shape[0]) if bool(flat[n].any())]
     else:
-        # Row (n, k): dy_{n,k}/dw with weight alpha_{n,k} / B.
-        nz = alpha.nonzero(as_tuple=False)
-        rows, weights = [], []
-        for n, k in nz.tolist():
-            g = torch.zeros_like(y)
-            g[n, k] = 1.0
-            rows.append(g)
-            weights.append(float(alpha[n, k]) / denom)
+        # Row (n, k): d(sum_t y_{n,t,k})/dw over the kept positions, weight alpha / B
+        specs = [(n, k, float(flat[n, :, k].max()) / denom)
+                 for n, k in torch.nonzero((flat != 0).any(1)).tolist()]
+
+    def grad_output(n, k):
+        g = torch.zeros_like(y)
+        if n is None:  # the batch reduction's row k
+            g[..., k] = alpha[..., k] / denom
+        elif k is None:
+            g[n] = alpha[n]
+        else:
+            g[n, ..., k] = (alpha[n, ..., k] != 0).to(y.dtype)
+        return g
+
     numel = sum(p.numel() for p in params)
-    chunk = max(1, min(max(len(rows), 1), _GENERIC_BUDGET // max(numel, 1)))
-    for start in range(0, len(rows), chunk):
-        go = torch.stack(rows[start:start + chunk])
-        w = torch.tensor(weights[start:start + chunk], dtype=y.dtype, device=y.device)
+    chunk = max(1, min(max(len(specs), 1), _GENERIC_BUDGET // max(numel, 1),
+                       _GENERIC_BUDGET // max(y.numel(), 1)))
+    for start in range(0, len(specs), chunk):
+        part = specs[start:start + chunk]
+        go = torch.stack([grad_output(n, k) for n, k, _ in part])
+        w = torch.tensor([wt for _, _, wt in part], dtype=y.dtype, device=y.device)
         grads = batched_grad(y, params, go)
         if distributed and reduction == "batch":
             from ..distributed import all_reduce_sum_
             all_reduce_sum_(grads)
         for acc, g in zip(out, grads):
-            acc += torch.tensordot(w, g.abs(), dims=1)
+            acc += torch.tensordot(w.to(g.dtype), g.abs(), dims=1)
     return out
-

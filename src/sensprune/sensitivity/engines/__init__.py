@@ -1,15 +1,28 @@
 """Per-sample sensitivity engines, registered by layer type.
 
-An engine turns what one layer saw in a forward (recorded by a forward hook) and the output
-derivatives dy/d(probe) of each sample into S of the layer's parameters, in closed form:
+An engine turns what one layer saw in a forward (recorded by a forward hook, one record per
+call) and the output derivatives dy/d(probe) of each sample into S of the layer's parameters,
+in closed form:
     hook(recorder, module)                 record the forward (may return a replaced output)
     probes(record)                         the tensors whose per-sample derivative it needs
     accumulate(module, record, deltas, w)  [(parameter, S contribution)], deltas per probe
-Parameters no engine covers go to the exact generic path (``generic.py``), so an engine is a
-speed-up, never a requirement. A new layer type is one engine file and one ``register`` line.
+    per_sample(module, record, deltas, sl) [(parameter, keys, rows)]: the signed per-sample
+                                           gradients of the samples in slice sl as rows of
+                                           the parameter seen as (shape[0], rest): key
+                                           (k * n + i) * shape[0] + r is row r of sample i's
+                                           gradient for output row k; rows not named are
+                                           zero, a key named twice is summed (optional)
+A parameter with one use takes ``accumulate``'s |.| directly. A tensor with several uses (a
+tied embedding and output layer, a layer called twice) needs the sum of the uses' gradients
+per sample before |.|: ``per_sample`` gives them; an engine without it sends such a tensor to
+the generic path. Parameters no engine covers go to the exact generic path (``generic.py``),
+so an engine is a speed-up, never a requirement. A new layer type is one engine file and one
+``register`` line.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch.nn as nn
 
@@ -24,9 +37,20 @@ class Engine:
     def hook(self, recorder, module: nn.Module):
         raise NotImplementedError
 
-    def usable(self, records: list):
-        """The one record the closed form can use (None: the layer goes generic)."""
-        return records[0] if len(records) == 1 else None
+    def usable(self, records: list) -> list | None:
+        """The records (calls) the closed form can use (None: the layer goes generic)."""
+        return records or None
+
+    def params(self, module: nn.Module) -> list:
+        """The parameters one call of the layer uses (each once)."""
+        return list(module.parameters(recurse=False))
+
+    def batch_size(self, record) -> int:
+        """How many samples the record holds (a call on another batch is not usable)."""
+        raise NotImplementedError
+
+    def per_sample(self, module: nn.Module, record, deltas: list, samples: slice) -> list:
+        raise NotImplementedError
 
     def probes(self, record) -> list:
         raise NotImplementedError
@@ -36,6 +60,9 @@ class Engine:
 
 
 ENGINES: dict[type[nn.Module], Engine] = {}
+# Engines for layer types recognized by a test rather than a class (a class from an optional
+# package, as transformers' Conv1D, that this package does not import).
+MATCHED: list[tuple[Callable[[nn.Module], bool], Engine]] = []
 
 
 def register(*types: type[nn.Module]):
@@ -47,12 +74,23 @@ def register(*types: type[nn.Module]):
     return wrap
 
 
+def register_matching(test: Callable[[nn.Module], bool]):
+    """Class decorator: the engine for the layers that pass ``test``."""
+    def wrap(cls):
+        MATCHED.append((test, cls()))
+        return cls
+    return wrap
+
+
 def engine_for(module: nn.Module) -> Engine | None:
     for t in type(module).__mro__:
         eng = ENGINES.get(t)
         if eng is not None:
             return eng if eng.supports(module) else None
+    for test, eng in MATCHED:
+        if test(module):
+            return eng if eng.supports(module) else None
     return None
 
 
-from . import conv, linear, lstm  # noqa: E402,F401  (each registers itself)
+from . import attention, conv, embedding, hf_conv1d, layernorm, linear, lstm  # noqa: E402,F401  (each registers itself)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import register
-from .linear import InputOutput
+from .linear import InputOutput, batch_first
 
 # Per-sample conv gradients are summed chunk by chunk; small chunks stay in cache.
 _CONV_CHUNK_FLOATS = 1 << 20
@@ -78,6 +78,7 @@ class ConvEngine(InputOutput):
                 and not isinstance(module.padding, str))
 
     def accumulate(self, module, record, deltas, weight):
-        a, delta = record[0].float(), deltas[0].float()  # S in float32 under autocast
+        a, delta = batch_first(record, deltas)
+        a, delta = a.float(), delta.float()  # S in float32 under autocast
         s_w, s_b = _conv_engine(module, a, delta, weight)(module, a, delta, weight)
         return [(module.weight, s_w), (module.bias, s_b)]

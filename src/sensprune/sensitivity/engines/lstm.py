@@ -32,6 +32,9 @@ class LSTMEngine(Engine):
             return out, state
         return module.register_forward_hook(hook)
 
+    def batch_size(self, record):
+        return record[0][1].shape[0]  # the first layer's input, batch first
+
     def probes(self, record):
         return [probe for _, _, _, probe in record]
 
