@@ -62,6 +62,22 @@ class StackedLSTM(nn.Module):
         return self.head(out.mean(0))
 
 
+class StackedGRU(nn.Module):
+    """Two GRU layers, time-major, with a learned initial state; the head reads the final
+    hidden state of the last layer and the mean output (both of the layer's outputs used)."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.gru = nn.GRU(5, 6, num_layers=2, bias=bias)
+        self.h0 = nn.Parameter(torch.randn(2, 1, 6) * 0.5)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):  # x: (B, T, 5)
+        h0 = self.h0.expand(-1, x.shape[0], -1).contiguous()
+        out, h_n = self.gru(x.transpose(0, 1), h0)
+        return self.head(out.mean(0) + h_n[-1])
+
+
 def cases():
     yield "mlp-relu", MLP("relu"), torch.randn(7, 12), 5
     yield "mlp-tanh", MLP("tanh"), torch.randn(7, 12), 5
@@ -74,6 +90,8 @@ def cases():
     yield "seq-emb-gru-conv1d", SeqModel(), torch.randint(0, 11, (5, 9)), 3
     yield "lstm-2-layers-time-major-h0", StackedLSTM(), torch.randn(4, 7, 5), 4
     yield "lstm-no-bias", StackedLSTM(bias=False), torch.randn(3, 6, 5), 4
+    yield "gru-2-layers-time-major-h0", StackedGRU(), torch.randn(4, 7, 5), 4
+    yield "gru-no-bias", StackedGRU(bias=False), torch.randn(3, 6, 5), 4
 
 
 @pytest.mark.parametrize("name,model,x,c", list(cases()), ids=lambda v: v if isinstance(v, str) else "")
@@ -297,13 +315,13 @@ def test_lstm_takes_the_fast_path_and_keeps_its_output():
     recorder substitutes gives nn.LSTM's own output and state."""
     import sys
 
-    engine = sys.modules["sensprune.sensitivity.engines.lstm"]
+    engine = sys.modules["sensprune.sensitivity.engines.recurrent"]
     definition = sys.modules["sensprune.sensitivity.definition"]
     model = StackedLSTM()
     x = torch.randn(3, 6, 5).transpose(0, 1)
     h0 = torch.randn(2, 3, 6)
     c0 = torch.randn(2, 3, 6)
-    out, (h, c), records = engine._lstm_unrolled(model.lstm, x, (h0, c0))
+    (out, h, c), records = engine._lstm_unrolled(model.lstm, x, (h0, c0))
     ref_out, (ref_h, ref_c) = model.lstm(x, (h0, c0))
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(h, ref_h)
@@ -322,6 +340,13 @@ def test_lstm_takes_the_fast_path_and_keeps_its_output():
         for kind in ("specific", "unspecific"):
             sensitivity(LSTMClassifier(hidden=8), torch.randn(3, 1, 28, 28),
                         torch.tensor([1, 2, 3]), kind=kind)
+            sensitivity(StackedGRU(), torch.randn(3, 6, 5), torch.tensor([1, 2, 3]), kind=kind,
+                        params=[n for n, _ in StackedGRU().named_parameters() if n != "h0"])
     finally:
         definition.generic_sensitivity = generic
     assert seen == []
+    gru = StackedGRU().gru
+    (out, h), _ = engine._gru_unrolled(gru, x, h0)
+    ref_out, ref_h = gru(x, h0)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(h, ref_h)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .engines import parameter_uses
 from .engines.batchnorm import BATCHNORM_MODES, frozen_batch_stats, samples_coupled
 from .generic import batched_grad, generic_sensitivity
 from .inputs import OutputSelector, call_model, model_output
@@ -174,12 +175,16 @@ def _engine_sensitivity(y, alpha, kind, denom, recorder, id_to_name) -> dict[str
     if not calls:
         return {}
     uses: dict[int, int] = {}
-    for m, eng, _ in calls:
-        for p in eng.params(m):
-            uses[id(p)] = uses.get(id(p), 0) + 1
+    for m, eng, rec in calls:
+        for pid, n in eng.graph_uses(m, rec).items():
+            uses[pid] = uses.get(pid, 0) + n
     graph_uses = parameter_uses(y)
     exact = {pid for pid, n in uses.items() if graph_uses.get(pid, 0) == n}
-    shared = {pid for pid in exact if uses[pid] > 1}
+    calls_of: dict[int, int] = {}
+    for m, eng, _ in calls:
+        for p in eng.params(m):
+            calls_of[id(p)] = calls_of.get(id(p), 0) + 1
+    shared = {pid for pid in exact if calls_of.get(pid, 0) > 1}
     probes, spans = [], []
     for m, eng, rec in calls:
         ps = eng.probes(rec)
@@ -246,26 +251,6 @@ def _shared_sensitivity(per_call, wanted: set[int], id_to_name, weight: float, b
         s = total.reshape(p.shape).mul_(weight)
         result[name] = s if name not in result else result[name].add_(s)
     return unsupported
-
-
-def parameter_uses(y: torch.Tensor) -> dict[int, int]:
-    """{id(parameter): how many edges of y's autograd graph lead to it}: the number of times
-    the forward used each leaf tensor (one per layer call for the engines' layers)."""
-    counts: dict[int, int] = {}
-    seen = set()
-    stack = [y.grad_fn] if y.grad_fn is not None else []
-    while stack:
-        node = stack.pop()
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            var = getattr(nxt, "variable", None)
-            if var is not None:  # AccumulateGrad: a leaf
-                counts[id(var)] = counts.get(id(var), 0) + 1
-            elif nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-    return counts
 
 
 def sensitivity(

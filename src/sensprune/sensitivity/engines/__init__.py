@@ -45,6 +45,11 @@ class Engine:
         """The parameters one call of the layer uses (each once)."""
         return list(module.parameters(recurse=False))
 
+    def graph_uses(self, module: nn.Module, record) -> dict[int, int]:
+        """{id(parameter): edges of the autograd graph one call adds to it} (one each for a
+        layer whose forward reads each parameter once)."""
+        return {id(p): 1 for p in self.params(module)}
+
     def batch_size(self, record) -> int:
         """How many samples the record holds (a call on another batch is not usable)."""
         raise NotImplementedError
@@ -57,6 +62,28 @@ class Engine:
 
     def accumulate(self, module: nn.Module, record, deltas: list, weight: float) -> list:
         raise NotImplementedError
+
+
+def parameter_uses(outputs, stop=()) -> dict[int, int]:
+    """{id(leaf tensor): how many edges of the autograd graph behind ``outputs`` lead to it}:
+    how many times the forward read each parameter. The walk does not go past the nodes in
+    ``stop`` (a layer's inputs, to count the layer's own reads)."""
+    counts: dict[int, int] = {}
+    seen = set(stop)
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None and t.grad_fn not in seen]
+    seen.update(stack)
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:  # AccumulateGrad: a leaf
+                counts[id(var)] = counts.get(id(var), 0) + 1
+            elif nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return counts
 
 
 ENGINES: dict[type[nn.Module], Engine] = {}
@@ -93,4 +120,4 @@ def engine_for(module: nn.Module) -> Engine | None:
     return None
 
 
-from . import attention, conv, embedding, hf_conv1d, layernorm, linear, lstm  # noqa: E402,F401  (each registers itself)
+from . import attention, conv, embedding, hf_conv1d, layernorm, linear, recurrent  # noqa: E402,F401  (each registers itself)

@@ -98,7 +98,7 @@ class LinearEngine(InputOutput):
             return [(module.weight, s_w.mul_(weight)), (module.bias, s_b.mul_(weight))]
         if a.shape[1] == 1:
             # rank-one per-sample gradient: sum_n |d_n a_n^T| = (sum_k |d|)^T |a|
-            dsum = d[:, :, 0].abs().sum(0).mul_(weight)  # scale the small operand
+            dsum = (d[0, :, 0].abs() if k == 1 else d[:, :, 0].abs().sum(0)).mul_(weight)
             s_w, s_b = dsum.t().mm(a[:, 0].abs()), dsum.sum(0)
         else:
             s_w, s_b = sequence_linear(a, d, weight)
