@@ -14,8 +14,8 @@ Workloads:
                      lm_head), batch 8 x 32, next-token targets, AdamW, the raw model
   encoder            nn.TransformerEncoder classifier (d 128, 2 layers, 2 heads, ff 512)
   gru, lstm          Embedding(500, 64) -> GRU / LSTM(64) -> Linear, batch 16 x 24, AdamW
-  resnet18           torchvision resnet18 at 64x64, batch 16, BatchNorm frozen in S, AdamW
-                     (skipped where torchvision is not installed)
+  resnet18           torchvision's resnet18 at 64x64, batch 16, BatchNorm frozen in S, AdamW
+                     (the same architecture built here where torchvision is not installed)
 The unspecific kind of the language model uses output_samples=16 of its 2000 outputs.
 Prints a table and writes JSON.
 
@@ -181,10 +181,47 @@ def token_classifier(kind):
     return Workload(model, opt, _cycle(make), _ce)
 
 
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: two 3x3 convs with BatchNorm, a projected shortcut
+    where the shape changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def resnet18_model(num_classes=10):
+    """torchvision.models.resnet18 where torchvision is installed, else the same architecture
+    (layers [2, 2, 2, 2] of BasicBlocks, 11.2M parameters) built here."""
+    try:
+        import torchvision
+        return torchvision.models.resnet18(num_classes=num_classes)
+    except (ImportError, RuntimeError):
+        pass
+    layers, cin = [], 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, 1), *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(512, num_classes))
+
+
 def resnet18():
-    import torchvision
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).train()
+    model = resnet18_model().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     make = lambda: (torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,)))
     return Workload(model, opt, _cycle(make), _ce)
@@ -241,7 +278,9 @@ def main():
         times = {m: [] for m in modes}
         for m in modes:
             time_steps(steps[m], 3)  # warm-up
-        per_round = max(1, args.steps // args.rounds)
+        # resnet18's steps take 0.2-5 s: a fifth of the steps
+        n_steps = max(args.rounds, args.steps // 5) if name == "resnet18" else args.steps
+        per_round = max(1, n_steps // args.rounds)
         for _ in range(args.rounds):
             for m in modes:
                 times[m] += time_steps(steps[m], per_round)

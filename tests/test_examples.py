@@ -32,3 +32,15 @@ def test_the_readme_snippet_is_the_example():
          "optimizer ="))]
     assert len(loop) >= 7
     assert all(ln in example for ln in loop), [ln for ln in loop if ln not in example]
+
+
+def test_hf_bert_example_prunes_a_raw_transformer_and_learns():
+    pytest.importorskip("transformers")
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_bert.py")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"weights pruned ([\d.]+)% \(([\d.]+)x\), test accuracy ([\d.]+)%", r.stdout)
+    assert m, r.stdout
+    pruned, accuracy = float(m.group(1)), float(m.group(3))
+    assert 79.5 <= pruned <= 80.5  # the schedule's target
+    assert accuracy > 90.0  # chance is 50%

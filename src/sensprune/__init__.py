@@ -18,14 +18,15 @@ from .errors import SensPruneError
 from .export import compact_model as compact
 from .export import export, load
 from .models import build_model, prunable_weights
-from .pruning import Pruner, sparsity_report
+from .pruning import Pruner, cubic_sparsity, sparsity_report
 from .regularizer import SensitivityRegularizer
 from . import sensitivity  # the package; calling it calls sensitivity.sensitivity
 from .reproduce import reproduce
 from .train import evaluate, train
 
 __all__ = [
-    "sensitivity", "SensitivityRegularizer", "Pruner", "sparsity_report", "build_model",
+    "sensitivity", "SensitivityRegularizer", "Pruner", "cubic_sparsity", "sparsity_report",
+    "build_model",
     "prunable_weights", "load_dataset", "make_config", "TrainConfig", "train", "evaluate",
     "SensPruneError", "compact", "export", "load", "reproduce", "__version__",
 ]
