@@ -16,7 +16,8 @@ THREADS ?= 1
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# torch named again: the resolver keeps the CPU wheel while it installs the dev extras
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' torch==2.13.0
 	touch $(STAMP)
 
 run: $(STAMP)

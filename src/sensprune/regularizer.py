@@ -193,20 +193,30 @@ class SensitivityRegularizer:
         self.output = output
         self.generator = torch.Generator().manual_seed(seed)
         self.insensitivity: dict[str, torch.Tensor] = {}
+        self._pending: tuple[dict[str, torch.Tensor], int] | None = None  # accumulate=True
         self.steps = 0
 
     # -- computing S ---------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Whether a sensitivity has been computed for ``step()`` to use."""
+        return bool(self.insensitivity) or self._pending is not None
+
     def due(self) -> bool:
         """Whether this step recomputes the sensitivity."""
         return not self.insensitivity or self.steps % self.sens_every == 0
 
     @contextlib.contextmanager
-    def observe(self, targets: torch.Tensor | None = None):
+    def observe(self, targets: torch.Tensor | None = None, accumulate: bool = False):
         """Wrap the training forward: the sensitivity is computed from that same forward
         (its outputs stay usable for the loss and its backward). The model may be called with
         any arguments and return a tensor, a tuple, a dict or a ``ModelOutput`` (see
         ``output=``); targets are (B,) class indices, or (B, T) for sequence outputs (B, T, C),
-        -100 at positions to leave out."""
+        -100 at positions to leave out.
+
+        ``accumulate=True`` (gradient accumulation): the S of each micro-batch is kept, and
+        the next ``step()`` uses their mean weighted by batch size, which is exactly S of the
+        whole batch (S is a mean over samples of per-sample quantities)."""
         if not self.due() or self.lam == 0 or self.sens_source == "loss":
             yield
             return
@@ -220,9 +230,20 @@ class SensitivityRegularizer:
             raise RuntimeError(f"observe() expects exactly one model forward inside the block, "
                                f"saw {rec.n_forward}")
         if refeed:
-            self._set(self._sensitivity(rec.call(), targets, distributed=self._distributed()))
+            s = self._sensitivity(rec.call(), targets, distributed=self._distributed())
         else:
-            self._set(self._from_output(rec.output, targets, rec))
+            s = self._from_output(rec.output, targets, rec)
+        if accumulate:
+            n = model_output(rec.output, self.output).shape[0]
+            if self._pending is None:
+                self._pending = ({k: v.mul_(n) for k, v in s.items()}, n)
+            else:
+                for k, v in s.items():
+                    self._pending[0][k].add_(v, alpha=n)
+                self._pending = (self._pending[0], self._pending[1] + n)
+        else:
+            self._pending = None
+            self._set(s)
 
     def update(self, inputs, targets: torch.Tensor | None = None) -> None:
         """Compute the sensitivity from a separate forward on (inputs, targets); inputs as
@@ -267,6 +288,10 @@ class SensitivityRegularizer:
     def step(self) -> None:
         """Apply the decay with the latest sensitivity; call after ``optimizer.step()``."""
         self.steps += 1
+        if self._pending is not None:  # the micro-batches' S, weighted by their sizes
+            total, n = self._pending
+            self._pending = None
+            self._set({k: v.div_(n) for k, v in total.items()})
         lam = self.effective_lam()
         if self.sens_source == "loss" and lam != 0 and (self.steps - 1) % self.sens_every == 0:
             # |dL/dw| of this batch (already reduced over DDP ranks by the backward)
