@@ -44,3 +44,26 @@ def test_hf_bert_example_prunes_a_raw_transformer_and_learns():
     pruned, accuracy = float(m.group(1)), float(m.group(3))
     assert 79.5 <= pruned <= 80.5  # the schedule's target
     assert accuracy > 90.0  # chance is 50%
+
+
+def _run_example(name):
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / name)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_lightning_example_prunes_lenet300_in_a_plain_lightning_fit():
+    pytest.importorskip("lightning")
+    m = re.search(r"compression ([\d.]+)x, test error ([\d.]+)%", _run_example("lightning_mnist.py"))
+    assert m
+    assert 19.5 <= float(m.group(1)) <= 20.5 and float(m.group(2)) < 5.0
+
+
+def test_hf_trainer_example_prunes_bert_with_a_plain_trainer():
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    out = _run_example("hf_trainer.py")
+    m = re.search(r"weights pruned ([\d.]+)% \(([\d.]+)x\), test accuracy ([\d.]+)%", out)
+    assert m, out
+    assert 79.5 <= float(m.group(1)) <= 80.5 and float(m.group(3)) > 90.0
