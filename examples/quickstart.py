@@ -16,7 +16,7 @@ data = sensprune.load_dataset("mnist", limit_train=20_000)   # embedded MNIST, n
 model = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(),
                       nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-reg = sensprune.SensitivityRegularizer(model, lam=1e-3, decay_floor=0.0)  # the paper's rule
+reg = sensprune.SensitivityRegularizer(model, lam=1e-3)  # the paper's rule, max(0, 1 - S)
 pruner = sensprune.Pruner(model, optimizer=optimizer)  # masks live here, not in the model
 
 epochs, target = 8, 0.95                              # remove 95% of the weights (20x)

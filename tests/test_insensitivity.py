@@ -66,12 +66,12 @@ def test_decay_floor_hand_computed_and_applied_by_the_step():
     for n, p in prunable_weights(m).items():
         d = (1 - s[n]).clamp(min=0.3)
         torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * d))
-    default = SensitivityRegularizer(m, 0.1)  # the default floor, 0.5
+    default = SensitivityRegularizer(m, 0.1)  # the default floor, 0: the paper's rule
     default.update(x, t)
     s = sensitivity(m, x, t, params=list(prunable_weights(m)))
     for n in prunable_weights(m):
-        torch.testing.assert_close(default.insensitivity[n], (1 - s[n]).clamp(min=0.5))
-    assert make_config().decay_floor == 0.5
+        torch.testing.assert_close(default.insensitivity[n], (1 - s[n]).clamp(min=0.0))
+    assert make_config().decay_floor == 0.0
     with pytest.raises(ConfigError, match="floor"):
         SensitivityRegularizer(m, 0.1, decay_floor=1.5)
     with pytest.raises(ConfigError, match="decay_floor must be in"):
@@ -167,10 +167,10 @@ def test_inspect_cli_matches_direct_computation(tmp_path):
     x, t = load_dataset("mnist").train  # the run's config: the default 5,000 validation images
     ref = sensitivity(m, x[:50], t[:50], params=list(prunable_weights(m)))
     for n, sv in ref.items():
-        d = (1 - sv / sv.mean()).clamp(min=0.5)  # the run's own decay floor (the default)
+        d = (1 - sv / sv.mean()).clamp(min=0.0)  # the run's own decay floor (the default)
         assert got[n]["decay_mean"] == pytest.approx(float(d.mean()), rel=1e-5)
         assert got[n]["S_q0.5"] == pytest.approx(float(torch.quantile(sv.double().flatten(), 0.5)), rel=1e-6)
-        assert got[n]["share_not_decayed"] == pytest.approx(float((d <= 0.5).float().mean()), abs=1e-6)
+        assert got[n]["share_not_decayed"] == pytest.approx(float((d <= 0.0).float().mean()), abs=1e-6)
 
 
 @pytest.mark.parametrize("name,shape", [("resnet32", (3, 32, 32)), ("lstm", (1, 28, 28))])

@@ -75,6 +75,7 @@ def lightning_trainer(tmp_path, max_epochs, callbacks, **kw):
                      default_root_dir=str(tmp_path), **kw)
 
 
+@pytest.mark.e2e
 def test_lightning_callback_prunes_to_target_learns_and_resumes(tmp_path):
     from sensprune.integrations.lightning import SensitivityPruning
     torch.manual_seed(0)
@@ -107,6 +108,7 @@ def test_lightning_callback_prunes_to_target_learns_and_resumes(tmp_path):
     assert all(torch.equal(cb2.pruner.masks[n], ~zero[n]) for n in zero)
 
 
+@pytest.mark.e2e
 def test_lightning_gradient_accumulation_steps_once_per_optimizer_step(tmp_path):
     from sensprune.integrations.lightning import SensitivityPruning
     x, y = task(400)
@@ -179,6 +181,7 @@ def hf_args(out, **kw):
     return transformers.TrainingArguments(**{**base, **kw})
 
 
+@pytest.mark.e2e
 def test_hf_trainer_callback_prunes_a_bert_classifier_and_resumes(tmp_path):
     from sensprune.integrations.transformers import SensitivityPruningCallback
     model = small_bert()
@@ -205,6 +208,7 @@ def test_hf_trainer_callback_prunes_a_bert_classifier_and_resumes(tmp_path):
     assert zeros_fraction(resumed) == pytest.approx(0.8, abs=0.002)
 
 
+@pytest.mark.e2e
 def test_hf_trainer_gradient_accumulation_and_lm_label_shift(tmp_path):
     from sensprune.integrations.transformers import SensitivityPruningCallback
     cb = SensitivityPruningCallback(lam=1e-3, target=0.5, every=5)

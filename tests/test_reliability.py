@@ -132,19 +132,19 @@ def test_evaluate_export_and_bench_infer_take_what_a_run_holds(tmp_path):
 
 
 def test_a_setting_missing_from_an_old_run_takes_its_earlier_default(monkeypatch):
-    """decay_floor's default changed from 0 to 0.5: runs saved before the setting existed ran
-    with 0, so reproduce must not reuse them as if they had today's 0.5, and loading them
-    must not relabel them."""
+    """A run saved before a setting existed ran with the setting's earlier default, not with
+    today's: reproduce must not reuse it as if it had today's value. decay_floor ran at 0 then
+    and its default is 0 again; a changed earlier default is checked by patching it."""
     from sensprune import config
 
     now = config.make_config(method="sensitivity").to_dict()
-    assert now["decay_floor"] == 0.5
+    assert now["decay_floor"] == 0.0
     old_run = {k: v for k, v in now.items() if k != "decay_floor"}
-    assert config.differing_settings(now, old_run) == ["decay_floor"]
-    assert config.saved_settings(old_run)["decay_floor"] == 0.0
-    assert config.differing_settings(now, {**old_run, "decay_floor": 0.5}) == []  # saved key wins
-    monkeypatch.setattr(config, "EARLIER_DEFAULTS", {})  # had the default never changed
     assert config.differing_settings(now, old_run) == []
+    monkeypatch.setattr(config, "EARLIER_DEFAULTS", {"decay_floor": 0.5})
+    assert config.differing_settings(now, old_run) == ["decay_floor"]
+    assert config.saved_settings(old_run)["decay_floor"] == 0.5
+    assert config.differing_settings(now, {**old_run, "decay_floor": 0.0}) == []  # saved key wins
 
 
 def test_a_run_saved_before_the_floor_existed_loads_with_floor_zero(tmp_path):

@@ -25,7 +25,7 @@ def bert(num_labels=3):
 
 
 def gpt2():
-    cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+    cfg = transformers.GPT2Config(vocab_size=24, n_embd=16, n_layer=2, n_head=2, n_positions=32,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg).double()
@@ -101,7 +101,7 @@ def test_bert_classifier_raw_model_exact():
 def test_gpt2_lm_tied_weights_and_ignored_positions_exact():
     m = gpt2().eval()
     assert m.lm_head.weight is m.transformer.wte.weight  # tied
-    ids = torch.randint(0, 40, (3, 6))
+    ids = torch.randint(0, 24, (3, 6))
     targets = torch.cat([ids[:, 1:], torch.full((3, 1), -100)], 1)  # next token
     targets[2, :2] = -100
     for kind in ("specific", "unspecific"):
@@ -187,7 +187,7 @@ def test_tied_weights_pruner_regularizer_and_report_see_one_tensor():
     assert rep["total_params"] == total
     assert rep["compression_ratio"] == pytest.approx(2.0, rel=1e-3)
     reg = SensitivityRegularizer(m, lam=1e-3)
-    ids = torch.randint(0, 40, (2, 5))
+    ids = torch.randint(0, 24, (2, 5))
     targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
     with reg.observe(targets):
         out = m(input_ids=ids)
@@ -220,11 +220,11 @@ def test_weight_read_outside_its_layer_goes_to_the_exact_path():
 
 def test_sequence_targets_are_checked():
     m = gpt2().float()
-    ids = torch.randint(0, 40, (2, 5))
+    ids = torch.randint(0, 24, (2, 5))
     with pytest.raises(ConfigError, match=r"shape \(2, 5\)"):
         sensitivity(m, {"input_ids": ids}, ids[:, 0])
     with pytest.raises(ConfigError, match="out of range.*-100"):
-        sensitivity(m, {"input_ids": ids}, torch.full((2, 5), 40))
+        sensitivity(m, {"input_ids": ids}, torch.full((2, 5), 24))
 
 
 def test_every_layer_of_the_three_models_takes_an_engine():
@@ -232,7 +232,7 @@ def test_every_layer_of_the_three_models_takes_an_engine():
     parameter is on an engine except the position tables, which are looked up once for the
     whole batch (no per-sample derivative to read) and a raw nn.Parameter."""
     from sensprune.sensitivity import coverage
-    ids = torch.randint(1, 30, (3, 6))
+    ids = torch.randint(1, 24, (3, 6))
     lm_t = torch.cat([ids[:, 1:], torch.full((3, 1), -100)], 1)
     cases = [(bert(), {"input_ids": ids}, torch.tensor([0, 1, 2]),
               {"bert.embeddings.position_embeddings.weight"}),

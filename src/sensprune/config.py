@@ -94,16 +94,19 @@ class TrainConfig:
     sens_every: int = setting(1, "recompute S every N steps", min=1)
     output_samples: int = setting(0, "unspecific kind with many classes: estimate S from K "
                                   "outputs drawn per step (0: all, exact)", min=0)
-    regularize: str = setting("weights", "which parameters are regularized and pruned")
-    normalize: str = setting("none", "divide S by a per-layer statistic before "
-                             "max(0, 1 - beta*S) (none: the paper's literal form)")
-    beta: float = setting(1.0, "scale of S in the insensitivity max(0, 1 - beta*S/norm)",
-                          above=0)
+    regularize: str = setting("weights", "which parameters are regularized and pruned: weights "
+                              "(Linear, Conv, recurrent, attention projections), "
+                              "weights+embeddings, weights+biases, all")
+    normalize: str = setting("none", "divide S by a per-layer statistic norm in "
+                             "max(decay_floor, 1 - beta*S/norm) (none: the paper's form)")
+    beta: float = setting(1.0, "scale of S in the insensitivity "
+                          "max(decay_floor, 1 - beta*S/norm)", above=0)
     quantile: float = setting(0.5, "normalize quantile: which quantile of S per layer (0-1]",
                               above=0, max=1)
-    decay_floor: float = setting(0.5, "smallest decay factor max(decay_floor, 1 - S): the most "
-                                 "sensitive weights still decay by decay_floor * lam (0: the "
-                                 "paper's literal max(0, 1 - S); 1: plain L2)", min=0, max=1)
+    decay_floor: float = setting(0.0, "smallest decay factor max(decay_floor, 1 - S): 0 is the "
+                                 "paper's rule max(0, 1 - S); above 0 the most sensitive "
+                                 "weights still decay by decay_floor * lam (1: plain L2)",
+                                 min=0, max=1)
     times_weight: bool = setting(False, "insensitivity of |w|*S (the weight's contribution) "
                                  "instead of S")
     batchnorm: str = setting("frozen", "BatchNorm in the sensitivity: batch statistics as "
@@ -238,7 +241,9 @@ NOT_RESULT = ("threads", "progress", "workers", "data_dir", "out", "device")
 
 
 # Settings whose default changed: a run saved before the setting existed has no key for it
-# and ran with the value here, not with today's default.
+# and ran with the value here, not with today's default. (decay_floor: 0 before the setting
+# existed, 0.5 while it was the default, 0 again since; every run saved with the setting
+# carries its value.)
 EARLIER_DEFAULTS: dict[str, Any] = {"decay_floor": 0.0}
 # Settings that no longer exist (saved runs still carry them; they never changed a result)
 REMOVED_SETTINGS = ("extra",)
