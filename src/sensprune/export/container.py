@@ -1,6 +1,7 @@
 """The export container: a safetensors file whose metadata holds the JSON header (format,
 architecture, per-tensor encodings, normalization, summary figures) and a SHA-256 over the
-header and every stored byte. ``save_file`` / ``load_file`` in the spirit of safetensors."""
+header and every stored byte. ``export`` writes one, ``read`` checks the header's declared
+sizes against the file before allocating anything, then the digest, and decodes it."""
 
 from __future__ import annotations
 
