@@ -177,3 +177,19 @@ def test_each_train_option_reaches_its_setting(tmp_path):
         assert got[f.name] == expected, f.name
         assert all(v is None for k, v in got.items() if k != f.name), f.name
         assert expected != getattr(defaults, f.name), f.name
+
+
+def test_every_command_line_argument_has_help_text():
+    import argparse
+    from sensprune.cli import build_parser
+    missing = []
+
+    def walk(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not a.help and a.dest != "help":
+                missing.append(f"{path}: {a.dest}")
+    walk(build_parser(), "sensprune")
+    assert not missing, missing

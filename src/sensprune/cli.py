@@ -105,13 +105,16 @@ def _add_deploy_commands(sub) -> None:
     ex.add_argument("--compress", choices=COMPRESSIONS, default="none",
                     help="pack the arrays into one LZMA stream (default: none)")
     ex.add_argument("--onnx", metavar="FILE", help="also export ONNX and check it against torch")
-    ex.add_argument("--data-dir")
+    ex.add_argument("--data-dir", help="directory with the dataset's files (default: the embedded MNIST, then "
+                    "$SENSPRUNE_DATA, then ~/.cache/sensprune)")
     ex.add_argument("--json", metavar="FILE", help="write the size/accuracy report as JSON")
 
     bi = sub.add_parser("bench-infer", help="latency of dense vs sparse inference of an export")
-    bi.add_argument("file")
-    bi.add_argument("--reps", type=_positive_int, default=200)
-    bi.add_argument("--threads", type=_positive_int, default=1)
+    bi.add_argument("file", help="an export written by `sensprune export` (.safetensors)")
+    bi.add_argument("--reps", type=_positive_int, default=200,
+                    help="timed repetitions per batch size and kernel (default: 200)")
+    bi.add_argument("--threads", type=_positive_int, default=1,
+                    help="torch CPU threads for the timing (default: 1)")
     bi.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
 
 
@@ -138,25 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on the test set")
     e.add_argument("checkpoint", help="a run directory, its checkpoint.pt or its model.pt")
-    e.add_argument("--data-dir")
+    e.add_argument("--data-dir", help="directory with the dataset's files (default: the embedded MNIST, then "
+                    "$SENSPRUNE_DATA, then ~/.cache/sensprune)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     r = sub.add_parser("report", help="print a run's (or a reproduce directory's) table and "
                        "draw its plot")
-    r.add_argument("run_dir")
+    r.add_argument("run_dir", help="a run directory (summary.json) or a reproduce output "
+                   "directory (table.json)")
 
     ins = sub.add_parser("inspect", help="how the sensitivity and its decay are distributed "
                          "per layer (table, histogram PNG)",
-                         description="S and the decay factor max(0, 1 - beta*S/norm) per layer "
+                         description="S and the decay factor max(decay_floor, 1 - beta*S/norm) per layer "
                          "of a trained run, on its first training images. Settings left out "
                          "take the run's own.")
     ins.add_argument("run", help="a run directory (model.pt + summary.json, or checkpoint.pt)")
-    ins.add_argument("--images", type=_positive_int, default=100)
+    ins.add_argument("--images", type=_positive_int, default=100,
+                     help="training images S is computed on (default: 100)")
     for name in INSPECT_SETTINGS:
         add_setting_options(ins, name)
     ins.add_argument("--png", help="histograms (default: RUN/sensitivity.png for a directory)")
     ins.add_argument("--json", metavar="FILE", help="write the statistics as JSON")
-    ins.add_argument("--data-dir")
+    ins.add_argument("--data-dir", help="directory with the dataset's files (default: the embedded MNIST, then "
+                    "$SENSPRUNE_DATA, then ~/.cache/sensprune)")
 
     _add_deploy_commands(sub)
 
@@ -173,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--quick", action="store_true",
                     help="the whole pipeline on a small subset in about a minute")
     rp.add_argument("--out", help="output directory (default: runs/reproduce-EXPERIMENT)")
-    rp.add_argument("--data-dir")
+    rp.add_argument("--data-dir", help="directory with the dataset's files (default: the embedded MNIST, then "
+                    "$SENSPRUNE_DATA, then ~/.cache/sensprune)")
     rp.add_argument("--seed", type=int, help="one seed for every row (default: the recipe's)")
     rp.add_argument("--seeds", help="comma-separated seeds: every row once per seed, and the "
                     "mean over seeds in table.md")
