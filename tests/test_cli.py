@@ -193,3 +193,17 @@ def test_every_command_line_argument_has_help_text():
                 missing.append(f"{path}: {a.dest}")
     walk(build_parser(), "sensprune")
     assert not missing, missing
+
+
+@pytest.mark.e2e
+def test_train_quick_runs_any_recipe_in_seconds(tmp_path):
+    """`train --quick` shrinks the recipe's phases (a first try that a 64-epoch recipe with 5
+    warm-up and 12 fine-tuning epochs would otherwise refuse at --epochs 3)."""
+    r = subprocess.run([sys.executable, "-m", "sensprune", "train", "--recipe", "lenet300",
+                        "--quick", "--out", str(tmp_path / "q"), "--threads", "1",
+                        "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert s["epochs"] == 3 and s["config"]["limit_train"] == 5000
+    assert s["config"]["warmup_epochs"] == 1 and s["config"]["finetune_epochs"] == 1
+    assert s["compression_ratio"] == pytest.approx(100.0, rel=1e-3)  # the recipe's target
