@@ -212,3 +212,26 @@ def test_hand_made_plans_give_the_plain_outputs(steps):
         x = torch.randn(batch, 60)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_chain_that_flattens_first_runs_its_plan_on_flat_inputs(monkeypatch):
+    """(N, 1, 28, 28) or the same images as (N, 784): the same kernels, the same outputs (a
+    flat input used to fall back to the plain layers, at half the speed)."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 12), nn.ReLU(), nn.Linear(12, 3))
+    with torch.no_grad():
+        net[1].weight.mul_(torch.rand(12, 36) < 0.2)
+    chain, _ = compact_model(net.eval(), (1, 6, 6))
+    fast = InferenceChain(chain).plan((1, 6, 6), (1, 8), rounds=2)
+    plain_calls = []
+    real = nn.Sequential.forward
+    monkeypatch.setattr(nn.Sequential, "forward",
+                        lambda self, x: plain_calls.append(1) or real(self, x))
+    x = torch.randn(8, 1, 6, 6)
+    with torch.no_grad():
+        image, flat = fast(x), fast(x.reshape(8, 36))
+        torch.testing.assert_close(image, net(x), rtol=1e-5, atol=1e-5)
+    plain_calls.clear()
+    with torch.no_grad():
+        image, flat = fast(x), fast(x.reshape(8, 36))
+    assert plain_calls == []  # both took the planned kernels
+    torch.testing.assert_close(flat, image)

@@ -16,6 +16,8 @@ The timing (``interleaved_medians``) is shared with ``inference`` and the benchm
 
 from __future__ import annotations
 
+import math
+
 import time
 
 import numpy as np
@@ -245,6 +247,12 @@ class InferenceChain(nn.Sequential):
         self.plans, self.kernel_report = {}, {}
         self._plan_args = (tuple(input_shape), tuple(batch_sizes), rounds, tuple(prefer))
         self.input_dim = len(input_shape) + 1
+        # a chain that begins by flattening accepts its inputs flat as well: they are viewed
+        # in the planned shape and take the same kernels
+        first = self[0] if len(self) else None
+        self._flat_input = (len(input_shape) > 1 and type(first) is nn.Flatten
+                            and first.start_dim == 1 and first.end_dim == -1)
+        self._input_numel = math.prod(input_shape)
         self._prepare()
         return self._plan_threads()
 
@@ -314,6 +322,9 @@ class InferenceChain(nn.Sequential):
         return next((p.dtype for p in self.parameters()), torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dim() == 2 and x.dim() != self.input_dim and getattr(self, "_flat_input", False)
+                and x.shape[1] == self._input_numel):
+            x = x.reshape(x.shape[0], *self._plan_args[0])  # (N, C*H*W): the planned layout
         if (self.training or x.device.type != "cpu" or x.dim() != self.input_dim
                 or torch.jit.is_tracing() or torch.compiler.is_compiling()):
             return super().forward(x)  # tracers and compilers see the plain layers
