@@ -4,7 +4,7 @@ choice does to a whole training step.
 Part 1, per conv layer shape of ResNet-32 (CIFAR, batch 128) and LeNet-5 (MNIST, batch 100),
 with one output row (specific kind) and ten (unspecific): milliseconds of unfold + bmm, of the
 grouped weight-gradient convolution, and of the layer's plain (summed) weight gradient for
-scale; the engine the fixed rule picks (sensitivity.engines.conv._conv_engine). Part 2: a ResNet-32
+scale; the engine the fixed rule picks (sensitivity_engines.engines.conv._conv_engine). Part 2: a ResNet-32
 training step (SGD, batch 128, specific kind, BatchNorm frozen) plain, with the sensitivity
 forced onto unfold only (the engine of earlier releases), and with the rule; ratios to plain.
 Part 3, the per-sample-gradient peers on the same layers (one output row): torch.func
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from sensprune import SensitivityRegularizer, build_model
 
 # the module (the package's face re-exports a function under the same name)
-sens = importlib.import_module("sensprune.sensitivity.engines.conv")
+sens = importlib.import_module("sensprune.sensitivity_engines.engines.conv")
 
 # (label, Cin, Cout, kernel, stride, padding, input size, batch)
 LAYERS = [

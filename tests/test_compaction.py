@@ -17,7 +17,7 @@ from sensprune.export import (NotCompactable, Select, build_chain, chain_spec, c
                               export, read)
 from sensprune.methods.neuron import GroupLasso, NeuronSensitivity
 from sensprune.models import build_model
-from sensprune.sensitivity import unit_sensitivity
+from sensprune.sensitivity_engines import unit_sensitivity
 
 
 def _sparsify(model: nn.Module, seed: int, density: float = 0.3, dead: float = 0.3) -> None:

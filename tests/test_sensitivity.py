@@ -287,7 +287,7 @@ def test_frozen_observe_keeps_the_training_backward_usable():
 def test_both_conv_engines_match_brute_force(conv, rows):
     """unfold + bmm and the grouped weight-gradient convolution give the same per-sample
     |gradient| sums as one autograd pass per sample and output row."""
-    from sensprune.sensitivity.engines.conv import _conv_grouped, _conv_unfold
+    from sensprune.sensitivity_engines.engines.conv import _conv_grouped, _conv_unfold
 
     torch.manual_seed(0)
     shape = (5, 3, 17, 17) if isinstance(conv, nn.Conv2d) else (5, 3, 23)
@@ -315,8 +315,8 @@ def test_lstm_takes_the_fast_path_and_keeps_its_output():
     recorder substitutes gives nn.LSTM's own output and state."""
     import sys
 
-    engine = sys.modules["sensprune.sensitivity.engines.recurrent"]
-    definition = sys.modules["sensprune.sensitivity.definition"]
+    engine = sys.modules["sensprune.sensitivity_engines.engines.recurrent"]
+    definition = sys.modules["sensprune.sensitivity_engines.definition"]
     model = StackedLSTM()
     x = torch.randn(3, 6, 5).transpose(0, 1)
     h0 = torch.randn(2, 3, 6)
@@ -350,3 +350,13 @@ def test_lstm_takes_the_fast_path_and_keeps_its_output():
     ref_out, ref_h = gru(x, h0)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(h, ref_h)
+
+
+def test_sensitivity_is_a_plain_documented_function():
+    """help(), inspect.signature, IDEs and type checkers see the function itself."""
+    import inspect
+    import sensprune
+    assert inspect.isfunction(sensprune.sensitivity)
+    params = inspect.signature(sensprune.sensitivity).parameters
+    assert list(params)[:3] == ["model", "inputs", "targets"] and "kind" in params
+    assert "Sensitivity S" in inspect.getdoc(sensprune.sensitivity)

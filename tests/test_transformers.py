@@ -231,7 +231,7 @@ def test_every_layer_of_the_three_models_takes_an_engine():
     """The exactness tests above check the fast path, not the generic fallback: every
     parameter is on an engine except the position tables, which are looked up once for the
     whole batch (no per-sample derivative to read) and a raw nn.Parameter."""
-    from sensprune.sensitivity import coverage
+    from sensprune import coverage
     ids = torch.randint(1, 24, (3, 6))
     lm_t = torch.cat([ids[:, 1:], torch.full((3, 1), -100)], 1)
     cases = [(bert(), {"input_ids": ids}, torch.tensor([0, 1, 2]),

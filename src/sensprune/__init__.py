@@ -3,6 +3,7 @@
 
 Public API:
     sensitivity(model, inputs, targets, kind=..., reduction=..., outputs=...) -> {name: S}
+    coverage(model, inputs, targets) -> {name: "engine" | "generic"}, each parameter's path
     compact                 a pruned chain network as a smaller dense one, same outputs
     SensitivityRegularizer  the update w <- w - lam * w * max(floor, 1 - S), any optimizer
     Pruner                  thresholds, masks kept in place, automatic threshold search
@@ -20,13 +21,12 @@ from .export import export, load
 from .models import build_model, prunable_weights
 from .pruning import Pruner, cubic_sparsity, sparsity_report
 from .regularizer import SensitivityRegularizer
-from . import sensitivity  # the package; calling it calls sensitivity.sensitivity
+from .sensitivity_engines import coverage, sensitivity
 from .reproduce import reproduce
 from .train import evaluate, train
 
 __all__ = [
-    "sensitivity", "SensitivityRegularizer", "Pruner", "cubic_sparsity", "sparsity_report",
-    "build_model",
-    "prunable_weights", "load_dataset", "make_config", "TrainConfig", "train", "evaluate",
+    "sensitivity", "coverage", "SensitivityRegularizer", "Pruner", "cubic_sparsity",
+    "sparsity_report", "build_model", "prunable_weights", "load_dataset", "make_config", "TrainConfig", "train", "evaluate",
     "SensPruneError", "compact", "export", "load", "reproduce", "__version__",
 ]

@@ -14,7 +14,7 @@ from .methods import REGISTRY
 from .methods.neuron import UNIT_DECAYS
 from .models import SELECTIONS
 from .regularizer import NORMALIZE, SOURCES
-from .sensitivity import BATCHNORM_MODES, KINDS, OUTPUTS, REDUCTIONS
+from .sensitivity_engines import BATCHNORM_MODES, KINDS, OUTPUTS, REDUCTIONS
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 # The allowed values of every setting that takes a name: validation and the CLI's choices

@@ -23,7 +23,7 @@ from .data import load_dataset
 from .models import prunable_weights
 from .regularizer import insensitivity
 from .plots import plot_histograms
-from .sensitivity import sensitivity
+from .sensitivity_engines import sensitivity
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 

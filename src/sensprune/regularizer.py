@@ -44,11 +44,11 @@ import torch.nn as nn
 from .distributed import active as dist_active
 from .errors import ConfigError
 from .models import current_params, select_params  # noqa: F401  (select_params: re-exported)
-from .sensitivity import (BATCHNORM_MODES, LayerRecorder, check_options, compute,
+from .sensitivity_engines import (BATCHNORM_MODES, LayerRecorder, check_options, compute,
                           samples_coupled)
-from .sensitivity.definition import outputs_and_alpha
-from .sensitivity.inputs import OutputSelector, model_output
-from .sensitivity import sensitivity as sensitivity_of
+from .sensitivity_engines.definition import outputs_and_alpha
+from .sensitivity_engines.inputs import OutputSelector, model_output
+from .sensitivity_engines import sensitivity as sensitivity_of
 
 NORMALIZE = ("none", "mean", "max", "quantile")
 SOURCES = ("outputs", "loss")

@@ -21,7 +21,7 @@ import torch
 from ..distributed import active as dist_active
 from ..errors import ConfigError
 from ..regularizer import DecayForm
-from ..sensitivity import LayerRecorder, alpha_matrix, unit_layers, unit_sensitivity_from
+from ..sensitivity_engines import LayerRecorder, alpha_matrix, unit_layers, unit_sensitivity_from
 from .base import Method, MethodContext
 
 

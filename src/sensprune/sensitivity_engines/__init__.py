@@ -1,20 +1,19 @@
 """Sensitivity of the network outputs to each parameter: S(w) = sum_k alpha_k |dy_k/dw|.
 
 This package owns one thing: computing S exactly, fast where the layer type allows it.
-  definition.py   the kinds and reductions, alpha, ``sensitivity()`` and the dispatch
+  definition.py   the kinds and reductions, alpha, ``sensitivity()``, ``coverage()`` and the
+                  dispatch (tied and shared tensors, the graph check)
+  inputs.py       models as users call them, outputs as models return them
   recorder.py     one forward's records, through each layer type's engine hook
-  engines/        closed forms by layer type (linear, conv, lstm) and frozen BatchNorm
+  engines/        closed forms by layer type (linear, conv, embedding, attention,
+                  transformers' Conv1D, layernorm, LSTM/GRU) and frozen BatchNorm
   generic.py      the exact fallback for every other parameter (batched autograd)
   units.py        neuron-level sensitivity (a unit's output, SeReNe)
 The hooks live only for the duration of one forward; the user's model is never modified.
-``sensprune.sensitivity(model, inputs, targets)`` calls :func:`sensitivity` (the package is
-callable), and ``sensprune.sensitivity`` stays the package for everything else.
+``sensprune.sensitivity`` is :func:`sensitivity` itself, a plain function.
 """
 
 from __future__ import annotations
-
-import sys
-import types
 
 from .definition import (KINDS, OUTPUTS, REDUCTIONS, alpha_matrix, check_options, compute,
                          coverage, sensitivity)
@@ -28,12 +27,3 @@ __all__ = ["BATCHNORM_MODES", "ENGINES", "Engine", "KINDS", "LayerRecorder", "OU
            "engine_for", "frozen_batch_stats", "register", "samples_coupled", "sensitivity",
            "unit_layers", "unit_sensitivity", "unit_sensitivity_from"]
 
-
-class _CallableModule(types.ModuleType):
-    """``sensprune.sensitivity(...)`` is :func:`sensitivity` without hiding the package."""
-
-    def __call__(self, *args, **kwargs):
-        return sensitivity(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
