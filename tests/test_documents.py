@@ -12,3 +12,11 @@ def test_no_machine_paths_in_committed_json():
         for m in re.finditer(r'"(/(?:home|root|tmp|work|Users)/[^"]*)"', f.read_text()):
             found.append(f"{f.relative_to(ROOT)}: {m.group(1)}")
     assert not found, found[:5]
+
+
+def test_deployment_does_not_stand_on_training():
+    """export/ reads models and evaluates them; it never imports the training loop."""
+    for f in sorted((ROOT / "src" / "sensprune" / "export").glob("*.py")):
+        text = f.read_text()
+        assert not re.search(r"from \.\.train import|import sensprune\.train|from \.\. import train",
+                             text), f.name

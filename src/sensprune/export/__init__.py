@@ -53,7 +53,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, values: str = "fp
     The report (``report.export_text``) says which format was written and what each costs."""
     from ..data import load_dataset
     from ..pruning import sparsity_report
-    from ..train import evaluate
+    from ..evaluation import evaluate
 
     _check_output(out)  # before any work
     model, dataset, input_shape, num_classes, model_name = _source_model(checkpoint)
