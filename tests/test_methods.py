@@ -109,3 +109,45 @@ def test_sensitivity_epoch_stats_hand_computed_and_in_the_metrics(tmp_path):
         stats = line["decay"]
         assert set(stats) == {"fc1.weight", "fc2.weight", "fc3.weight"}
         assert all(0 <= v["mean_decay"] <= 1 and 0 <= v["undecayed"] <= 1 for v in stats.values())
+
+
+def test_register_method_makes_a_new_method_trainable(tmp_path):
+    """The GUIDE's example method, registered from outside the package, trains by name."""
+    import torch
+    from sensprune import make_config, train
+    from sensprune.data import load_dataset
+    from sensprune.errors import ConfigError
+    from sensprune.methods import REGISTRY, Method, register_method
+    from sensprune.models import select_params
+
+    class SmallFirst(Method):
+        name = "small_first_test"
+        uses_threshold = True
+        uses_lam = True
+
+        def __init__(self, model, lam):
+            self.lam, self.params = lam, select_params(model)
+
+        @classmethod
+        def from_config(cls, cfg, ctx):
+            return cls(ctx.model, cfg.lam)
+
+        @torch.no_grad()
+        def step(self):
+            for p in self.params.values():
+                p.mul_(1 - self.lam / (1 + p.abs() / p.abs().mean()))
+
+    register_method(SmallFirst)
+    try:
+        with pytest.raises(ConfigError, match="taken"):
+            register_method(type("Other", (SmallFirst,), {}))
+        with pytest.raises(ConfigError, match="subclass"):
+            register_method(object)
+        cfg = make_config(model="lenet300", method="small_first_test", epochs=2, lam=1e-3,
+                          threshold="schedule", target_sparsity=0.5, limit_train=500,
+                          val_size=100, out=str(tmp_path / "r"), progress=False)
+        s = train(cfg, splits=load_dataset("mnist", val_size=100, limit_train=500),
+                  log=lambda *_: None)
+        assert s["compression_ratio"] == pytest.approx(2.0, rel=1e-3)
+    finally:
+        REGISTRY.pop("small_first_test", None)

@@ -1,8 +1,8 @@
 """Every training method behind one small interface (``base.Method``), and the registry.
 
 The training loop never names a method: it builds one with :func:`make_method` and calls the
-interface. A new method is one file in this package plus one entry in ``REGISTRY``
-(README, "Writing a new method").
+interface. A new method is a ``Method`` subclass registered with :func:`register_method`
+(docs/GUIDE.md, "Writing a new method").
 """
 
 from __future__ import annotations
@@ -23,6 +23,23 @@ REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (
     NeuronSensitivity, GroupLasso)}
 
 
+def register_method(cls: type[Method]) -> type[Method]:
+    """Make a ``Method`` subclass known by its ``name`` to the loop, ``--method``, recipes and
+    ``reproduce`` (usable as a class decorator). A name already taken by another class is an
+    error: a method is replaced only by unregistering it first (``REGISTRY.pop(name)``)."""
+    from ..errors import ConfigError
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(f"register_method takes a subclass of sensprune.methods.Method, "
+                          f"got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or name == Method.name:
+        raise ConfigError(f"{cls.__name__} needs its own name = '...' (the --method value)")
+    if REGISTRY.get(name, cls) is not cls:
+        raise ConfigError(f"method name {name!r} is taken by {REGISTRY[name].__name__}")
+    REGISTRY[name] = cls
+    return cls
+
+
 def method_class(name: str) -> type[Method]:
     return REGISTRY[name]
 
@@ -40,5 +57,6 @@ def make_method(cfg, ctx: MethodContext) -> Method:
 
 
 __all__ = ["EpochEnd", "Method", "MethodContext", "REGISTRY", "method_class", "make_method",
+           "register_method",
            "Dense", "Sensitivity", "L2Decay", "L1Decay", "MagnitudeRetrain", "GradualMagnitude",
            "SparseVD", "NeuronSensitivity", "GroupLasso"]
