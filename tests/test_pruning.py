@@ -142,3 +142,45 @@ def test_schedule_policy_follows_the_cubic_schedule():
     pol.end_epoch(state, 4, last=True, evaluate=no_eval)
     assert p.nonzero() == 2400 - int(0.9 * 2400)
     assert len(state["thresholds"]) == 4 and state["thresholds"] == sorted(state["thresholds"])
+
+
+def test_prune_to_and_threshold_take_another_criterion():
+    """scores= ranks by any tensor per parameter (larger = keep), not by |w|."""
+    import torch.nn as nn
+    from sensprune.errors import ConfigError
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4))
+    pr = Pruner(m)
+    scores = {n: torch.rand(p.shape) for n, p in pr.params.items()}
+    pr.prune_to(0.5, scores=scores)
+    allv = torch.cat([s.flatten() for s in scores.values()])
+    cut = allv.kthvalue(allv.numel() // 2).values
+    for n, p in pr.params.items():
+        assert torch.equal(pr.masks[n], scores[n] > cut)  # the lowest half by score went
+        assert bool((p.detach()[~pr.masks[n]] == 0).all())
+    pr2 = Pruner(m)
+    pr2.threshold(0.25, scores=scores)
+    assert all(torch.equal(pr2.masks[n], scores[n] >= 0.25) for n in scores)
+    with pytest.raises(ConfigError, match="no entry"):
+        Pruner(m).prune_to(0.5, scores={})
+    with pytest.raises(ConfigError, match="shape"):
+        Pruner(m).prune_to(0.5, scores={n: torch.rand(3) for n in scores})
+
+
+def test_auto_threshold_with_scores_bisects_over_the_criterion():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4))
+    pr = Pruner(m)
+    scores = {n: torch.rand(p.shape) for n, p in pr.params.items()}
+    seen = []
+
+    def zeros_fraction():  # "error": the share of zero weights, within budget up to 0.3
+        z = sum(int((p == 0).sum()) for p in pr.params.values())
+        seen.append(z)
+        return 100.0 * z / sum(p.numel() for p in pr.params.values())
+
+    t = pr.auto_threshold(zeros_fraction, max_error=30.0, scores=scores)
+    pr.threshold(t, scores=scores)
+    frac = zeros_fraction()
+    assert 25.0 <= frac <= 30.0  # the largest cut of the score ranking within the budget
+    assert all(torch.equal(pr.masks[n], scores[n] >= t) for n in scores)

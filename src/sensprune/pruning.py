@@ -74,52 +74,81 @@ class Pruner:
             self.pruned.add(name)
 
     # -- thresholds ----------------------------------------------------------------------------
-    def layer_thresholds(self, t: float, mode: str = "global") -> dict[str, float]:
-        """Per-parameter thresholds: T itself (global) or T * std of the kept weights (layer)."""
+    def layer_thresholds(self, t: float, mode: str = "global",
+                         criterion: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Per-parameter thresholds: T itself (global) or T * std of the kept weights (layer;
+        of the kept criterion values when a ``criterion`` is given)."""
         if mode == "global":
             return {n: float(t) for n in self.params}
         if mode == "layer":
             out = {}
             for n, p in self.params.items():
-                kept = p.detach()[self.masks[n]]
+                kept = (p.detach() if criterion is None else criterion[n])[self.masks[n]]
                 out[n] = float(t) * (float(kept.std()) if kept.numel() > 1 else 0.0)
             return out
         raise ConfigError(f"threshold mode must be 'global' or 'layer', got {mode!r}")
 
+    def _criterion(self, scores: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The pruning criterion per parameter: |w| by default, or the given ``scores`` (any
+        tensor of the parameter's shape, larger = keep: S, |w| * S, a saliency of your own)."""
+        if scores is None:
+            return {n: p.detach().abs() for n, p in self.params.items()}
+        missing = [n for n in self.params if n not in scores]
+        if missing:
+            raise ConfigError(f"scores has no entry for {missing[:3]}; give one tensor per "
+                              "pruned parameter (Pruner.params)")
+        out = {}
+        for n, p in self.params.items():
+            sc = torch.as_tensor(scores[n]).detach()
+            if sc.shape != p.shape:
+                raise ConfigError(f"scores[{n!r}] has shape {tuple(sc.shape)}, the parameter "
+                                  f"{tuple(p.shape)}")
+            out[n] = sc.to(p.device)
+        return out
+
     @torch.no_grad()
-    def threshold(self, t: float, mode: str = "global") -> int:
-        """Prune every kept weight with |w| < T (per ``mode``); returns how many were pruned."""
+    def threshold(self, t: float, mode: str = "global",
+                  scores: dict[str, torch.Tensor] | None = None) -> int:
+        """Prune every kept weight whose criterion is below T (per ``mode``): |w| < T, or
+        ``scores[name] < T`` (see :meth:`prune_to`); returns how many were pruned."""
         if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ConfigError(f"threshold must be a finite number >= 0, got {t!r}")
         self.refresh()
+        crit = self._criterion(scores)
         before = self.nonzero()
-        for n, tn in self.layer_thresholds(t, mode).items():
-            self.prune(n, self.params[n].detach().abs() >= tn)
+        for n, tn in self.layer_thresholds(t, mode, None if scores is None else crit).items():
+            self.prune(n, crit[n] >= tn)
         self.apply()
         return before - self.nonzero()
 
     @torch.no_grad()
-    def prune_to(self, sparsity: float, mode: str = "global") -> float:
+    def prune_to(self, sparsity: float, mode: str = "global",
+                 scores: dict[str, torch.Tensor] | None = None) -> float:
         """Prune the smallest-magnitude kept weights until the fraction ``sparsity`` of all
         weights (of each layer, in 'layer' mode) is pruned; returns the (largest) magnitude
         cut, 0.0 when nothing had to go. Weights tied with the cut go too (the fraction can
-        overshoot by the tied count); masks only grow, so a larger pruned fraction stays."""
+        overshoot by the tied count); masks only grow, so a larger pruned fraction stays.
+
+        ``scores``: the place for another pruning criterion, ``{name: tensor}`` for every
+        pruned parameter, larger = keep (the sensitivity S, |w| * S, any saliency); the
+        lowest-scored kept weights go instead of the smallest. Default: |w|."""
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
         if mode not in ("global", "layer"):
             raise ConfigError(f"threshold mode must be 'global' or 'layer', got {mode!r}")
         self.refresh()
+        crit = self._criterion(scores)
         groups = [list(self.params)] if mode == "global" else [[n] for n in self.params]
         cut = 0.0
         for names in groups:
             total = sum(self.params[n].numel() for n in names)
-            kept = torch.cat([self.params[n].detach()[self.masks[n]].abs() for n in names])
+            kept = torch.cat([crit[n][self.masks[n]].float() for n in names])
             remove = int(sparsity * total) - (total - kept.numel())
             if remove <= 0:
                 continue
             t = float(kept.kthvalue(remove).values)
             for n in names:
-                self.prune(n, self.params[n].detach().abs() > t)
+                self.prune(n, crit[n] > t)
             cut = max(cut, t)
         self.apply()
         return cut
@@ -148,6 +177,7 @@ class Pruner:
         max_error: float,
         mode: str = "global",
         steps: int = 14,
+        scores: dict[str, torch.Tensor] | None = None,
     ) -> float:
         """Largest T whose error (``evaluate()``, e.g. validation error in %) is <= max_error.
 
@@ -155,13 +185,16 @@ class Pruner:
         maps to the magnitude at that quantile), evaluating each candidate with the weights
         temporarily zeroed. Only candidates that were measured within budget are accepted, so
         the result respects the budget even where error is not monotone in T. Returns 0.0
-        when no candidate qualifies. Does not change the model or the masks.
+        when no candidate qualifies. Does not change the model or the masks. ``scores``: the
+        criterion to threshold instead of |w| (see :meth:`prune_to`); then apply the result
+        with ``threshold(T, mode, scores=scores)``.
         """
         self.refresh()
-        scores = self._scores(mode)
-        if scores.numel() == 0:
+        crit = None if scores is None else self._criterion(scores)
+        ranked = self._scores(mode, crit)
+        if ranked.numel() == 0:
             return 0.0
-        sorted_scores = scores.sort().values
+        sorted_scores = ranked.sort().values
 
         def t_at(frac: float) -> float:
             if frac <= 0:
@@ -173,30 +206,32 @@ class Pruner:
         for _ in range(steps):
             mid = (lo + hi) / 2
             t = t_at(mid)
-            if self._error_with(t, mode, evaluate) <= max_error:
+            if self._error_with(t, mode, evaluate, crit) <= max_error:
                 lo, best = mid, t
             else:
                 hi = mid
         return best
 
-    def _scores(self, mode: str) -> torch.Tensor:
-        """Kept weights' magnitudes, divided by their layer's std in 'layer' mode, so that
-        pruning 'score < T' equals the thresholds of ``layer_thresholds``."""
-        per_layer = self.layer_thresholds(1.0, mode)
+    def _scores(self, mode: str, crit: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Kept weights' magnitudes (or criterion values), divided by their layer's std in
+        'layer' mode, so that pruning 'score < T' equals the thresholds of
+        ``layer_thresholds``."""
+        per_layer = self.layer_thresholds(1.0, mode, crit)
         parts = []
         for n, p in self.params.items():
-            kept = p.detach()[self.masks[n]].abs()
+            kept = (p.detach().abs() if crit is None else crit[n].float())[self.masks[n]]
             scale = per_layer[n]
             parts.append(kept / scale if scale > 0 else kept)
         return torch.cat(parts) if parts else torch.empty(0)
 
-    def _error_with(self, t: float, mode: str, evaluate: Callable[[], float]) -> float:
+    def _error_with(self, t: float, mode: str, evaluate: Callable[[], float],
+                    crit: dict[str, torch.Tensor] | None = None) -> float:
         saved = {n: p.detach().clone() for n, p in self.params.items()}
         try:
             with torch.no_grad():
-                for n, tn in self.layer_thresholds(t, mode).items():
+                for n, tn in self.layer_thresholds(t, mode, crit).items():
                     p = self.params[n]
-                    p.mul_(p.abs() >= tn)
+                    p.mul_((p.abs() if crit is None else crit[n]) >= tn)
             return float(evaluate())
         finally:
             with torch.no_grad():
