@@ -130,7 +130,7 @@ def test_every_setting_has_one_train_option_and_every_option_is_a_setting():
                  if a.prog.endswith(" train"))
     dests = {a.dest: a for a in train._actions if a.dest != "help"}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert set(dests) - fields == {"recipe", "resume", "overwrite", "compare"}
+    assert set(dests) - fields == {"recipe", "resume", "overwrite", "compare", "quick"}
     assert fields - set(dests) == set()
     for key, allowed in CHOICES.items():
         assert tuple(dests[key].choices) == allowed, key
