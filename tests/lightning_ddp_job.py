@@ -60,6 +60,11 @@ def main(out: Path):
         "masks": digest({n: m.float() for n, m in cb.pruner.masks.items()}),
         "insensitivity": digest(cb.regularizer.insensitivity),
         "zeros": 1 - r["nonzero_params"] / r["total_params"]}))
+    # leave together and tear the group down before the interpreter does: a rank whose
+    # process exits while gloo's threads still serve the other can abort ("terminate called")
+    trainer.strategy.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
