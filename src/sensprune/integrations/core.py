@@ -199,3 +199,24 @@ class SparseTraining:
         for name, p in self.pruner.params.items():
             self.pruner.prune(name, p.detach() != 0)
 
+
+
+class CallbackBase:
+    """What both framework callbacks expose and decide the same way: the pruner and the
+    regularizer of their ``core`` (a :class:`SparseTraining`), and the schedule's pruning."""
+    core: SparseTraining
+    schedule: Schedule | None
+
+    @property
+    def pruner(self) -> Pruner | None:
+        return self.core.pruner
+
+    @property
+    def regularizer(self) -> SensitivityRegularizer | None:
+        return self.core.regularizer
+
+    def _maybe_prune(self, done: int) -> None:
+        """Prune to the schedule's fraction after ``done`` units, if one is due."""
+        sparsity = self.schedule.sparsity_after(done)
+        if sparsity is not None:
+            self.core.prune(sparsity)

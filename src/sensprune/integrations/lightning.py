@@ -26,10 +26,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
                       "pip install 'sensprune[lightning]'") from e
 
 from ..errors import ConfigError
-from .core import Schedule, SparseTraining, default_targets
+from .core import CallbackBase, Schedule, SparseTraining, default_targets
 
 
-class SensitivityPruning(Callback):
+class SensitivityPruning(CallbackBase, Callback):
     """Prune a LightningModule's weights to ``target`` with the sensitivity rule.
 
     Args:
@@ -68,14 +68,6 @@ class SensitivityPruning(Callback):
         self.targets_of = targets or default_targets
         self.schedule: Schedule | None = None
         self._steps_at_batch_start = 0
-
-    @property
-    def pruner(self):
-        return self.core.pruner
-
-    @property
-    def regularizer(self):
-        return self.core.regularizer
 
     # -- fit -----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -125,11 +117,6 @@ class SensitivityPruning(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.unit == "epoch":
             self._maybe_prune(trainer.current_epoch + 1)
-
-    def _maybe_prune(self, done: int) -> None:
-        sparsity = self.schedule.sparsity_after(done)
-        if sparsity is not None:
-            self.core.prune(sparsity)
 
     # -- Lightning's checkpoint ----------------------------------------------------------------
     def state_dict(self) -> dict:

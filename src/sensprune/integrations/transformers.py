@@ -26,12 +26,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
                       "pip install 'sensprune[transformers]'") from e
 
 from ..errors import ConfigError
-from .core import Schedule, SparseTraining
+from .core import CallbackBase, Schedule, SparseTraining
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
-class SensitivityPruningCallback(TrainerCallback):
+class SensitivityPruningCallback(CallbackBase, TrainerCallback):
     """Prune a ``Trainer``'s model to ``target`` with the sensitivity rule.
 
     Args:
@@ -64,14 +64,6 @@ class SensitivityPruningCallback(TrainerCallback):
         self.schedule: Schedule | None = None
         self._state = None
         self._label_hook = None
-
-    @property
-    def pruner(self):
-        return self.core.pruner
-
-    @property
-    def regularizer(self):
-        return self.core.regularizer
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
@@ -107,9 +99,7 @@ class SensitivityPruningCallback(TrainerCallback):
         self.core.after_optimizer_step()
 
     def on_step_end(self, args, state, control, **kwargs):
-        sparsity = self.schedule.sparsity_after(state.global_step)
-        if sparsity is not None:
-            self.core.prune(sparsity)
+        self._maybe_prune(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.core.detach()

@@ -174,17 +174,15 @@ def _engine_sensitivity(y, alpha, kind, denom, recorder, id_to_name) -> dict[str
             calls += [(m, eng, r) for r in recs if eng.batch_size(r) == b]
     if not calls:
         return {}
-    uses: dict[int, int] = {}
+    uses: dict[int, int] = {}  # graph reads the engines account for
+    calls_of: dict[int, int] = {}  # layer calls that use each tensor
     for m, eng, rec in calls:
         for pid, n in eng.graph_uses(m, rec).items():
             uses[pid] = uses.get(pid, 0) + n
+            calls_of[pid] = calls_of.get(pid, 0) + 1
     graph_uses = parameter_uses(y)
     exact = {pid for pid, n in uses.items() if graph_uses.get(pid, 0) == n}
-    calls_of: dict[int, int] = {}
-    for m, eng, _ in calls:
-        for p in eng.params(m):
-            calls_of[id(p)] = calls_of.get(id(p), 0) + 1
-    shared = {pid for pid in exact if calls_of.get(pid, 0) > 1}
+    shared = {pid for pid in exact if calls_of[pid] > 1}
     probes, spans = [], []
     for m, eng, rec in calls:
         ps = eng.probes(rec)
