@@ -63,8 +63,13 @@ def save_atomic(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except KeyboardInterrupt:
+        tmp.unlink(missing_ok=True)
+        raise
     except (OSError, RuntimeError) as exc:  # torch wraps ENOSPC/EFBIG in a RuntimeError
         tmp.unlink(missing_ok=True)
+        if "KeyboardInterrupt" in str(exc):  # Ctrl-C inside torch's writer: an interrupt
+            raise KeyboardInterrupt from None
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:80]
         kept = "the previous file is kept" if path.exists() else "nothing was written"
         raise CheckpointError(f"cannot write {path} ({why}); {kept}; free space (or fix the "

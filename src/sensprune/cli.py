@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+from .checkpoint import write_text_atomic
 from .errors import SensPruneError, TrainingDiverged
 
 
@@ -257,7 +258,10 @@ def cmd_inspect(args) -> int:
     from .diagnose import inspect_run
     from .report import inspect_markdown
 
+    from .rundir import check_outputs
+
     run = Path(args.run)
+    check_outputs([run], {"--png": args.png, "--json": args.json})
     png = args.png or (run / "sensitivity.png" if run.is_dir() else None)
     result = inspect_run(run, images=args.images, png=png, data_dir=args.data_dir,
                          **{k: getattr(args, k) for k in INSPECT_SETTINGS})
@@ -268,8 +272,8 @@ def cmd_inspect(args) -> int:
             record(run, "sensitivity.png")
         print(f"wrote {result['png']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({k: v for k, v in result.items() if k != "_values"},
-                                              indent=2) + "\n")
+        write_text_atomic(json.dumps({k: v for k, v in result.items() if k != "_values"},
+                                     indent=2) + "\n", Path(args.json))
         print(f"wrote {args.json}")
     return 0
 
@@ -288,13 +292,17 @@ def _number_list(text: str | None, flag: str, cast=float) -> list | None:
 def cmd_export(args) -> int:
     from .export import export_checkpoint
     from .report import export_text
+    from .rundir import check_outputs
+
+    check_outputs([args.checkpoint], {"-o": args.output, "--onnx": args.onnx,
+                                      "--json": args.json})
 
     result = export_checkpoint(args.checkpoint, args.output, values=args.values,
                                data_dir=args.data_dir, onnx_path=args.onnx,
                                compact=args.compact, compress=args.compress)
     print(export_text(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(json.dumps(result, indent=2) + "\n", Path(args.json))
     return 0
 
 
@@ -304,11 +312,14 @@ def cmd_bench_infer(args) -> int:
     from .export import bench_inference
     from .report import bench_infer_markdown
 
+    from .rundir import check_outputs
+
+    check_outputs([args.file], {"--json": args.json})
     torch.set_num_threads(args.threads)
     r = bench_inference(args.file, reps=args.reps)
     print(bench_infer_markdown(r))
     if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+        write_text_atomic(json.dumps(r, indent=2) + "\n", Path(args.json))
     return 0
 
 
@@ -356,20 +367,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train" and out and (Path(out) / "checkpoint.pt").exists():
             print(f"sensprune: interrupted; the last finished epoch is in {out}/checkpoint.pt "
                   "(continue with --resume)", file=sys.stderr)
+        elif args.command == "train" and out and Path(out).is_dir():
+            print("sensprune: interrupted before any checkpoint was written; start again "
+                  "with the same command and --overwrite (it replaces only what this run "
+                  "wrote)", file=sys.stderr)
         else:
             print("sensprune: interrupted before any checkpoint was written; start again",
                   file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sensprune ... | head`: the reader left; nothing went wrong here
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # the run directory removed mid-run, a disk that went away...
         print(f"sensprune: error: {exc.strerror or exc}"
               + (f": {exc.filename}" if exc.filename else "")
               + "; fix it and run again (a training run continues with --resume)",
               file=sys.stderr)
         return 1
-    except BrokenPipeError:  # `sensprune ... | head`: the reader left; nothing went wrong here
-        import os
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 if __name__ == "__main__":

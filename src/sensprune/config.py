@@ -72,7 +72,7 @@ class TrainConfig:
     optimizer: str = setting("sgd")
     lr: float | None = setting(None, "learning rate (default: per model and optimizer, e.g. "
                                "0.05 for lenet300, 0.02 for lenet5 with SGD; 1e-3 with Adam)",
-                               min=0)
+                               min=0, max=1e9)
     momentum: float = setting(0.9, min=0)
     nesterov: bool = setting(False, "Nesterov momentum (SGD with momentum > 0)")
     weight_decay: float = setting(0.0, "the optimizer's own weight decay", min=0)
@@ -89,7 +89,7 @@ class TrainConfig:
     reduction: str = setting("sample", "S from per-sample |dy/dw| (sample) or from the "
                              "batch-summed derivative (batch)")
     outputs: str = setting("logits", "differentiate the logits or the softmax probabilities")
-    lam: float = setting(1e-4, "regularization factor lambda", min=0)
+    lam: float = setting(1e-4, "regularization factor lambda", min=0, max=1e9)
     lam_lr_scaled: bool = setting(False, "multiply lambda by the current learning rate")
     sens_every: int = setting(1, "recompute S every N steps", min=1)
     output_samples: int = setting(0, "unspecific kind with many classes: estimate S from K "
@@ -160,7 +160,7 @@ class TrainConfig:
     out: str = setting("runs/latest", "run directory (summary.json, checkpoint.pt, ...)")
     progress: bool = setting(True, "the progress bar (drawn only when stdout and stderr are "
                              "terminals)", flag="--no-progress")
-    threads: int = setting(0, "torch CPU threads (0: torch's default)", min=0)
+    threads: int = setting(0, "torch CPU threads (0: torch's default)", min=0, max=1024)
     workers: int = setting(0, "DataLoader worker processes (ImageFolder datasets)", min=0)
     device: str = setting("auto", "auto (CUDA when available), cpu or cuda")
     amp: bool = setting(True, "bfloat16 autocast on CUDA", flag="--no-amp")
@@ -180,6 +180,8 @@ class TrainConfig:
             v, meta = getattr(self, f.name), f.metadata
             if v is None or isinstance(v, (str, bool)):
                 continue
+            if isinstance(v, float) and abs(v) > 1e30:  # past float32's range: overflow later
+                raise ConfigError(f"{f.name} must be at most 1e30 in size, got {v}")
             low, above, high = meta.get("min"), meta.get("above"), meta.get("max")
             if ((low is not None and v < low) or (above is not None and not v > above)
                     or (high is not None and v > high)):
@@ -198,9 +200,6 @@ class TrainConfig:
         if self.threshold == "schedule" and not self.target_sparsity < 1.0:
             raise ConfigError(f"target_sparsity must be below 1 (the fraction of weights "
                               f"removed), got {self.target_sparsity}")
-        if self.init_from is not None and not Path(self.init_from).exists():
-            raise ConfigError(f"init_from: {self.init_from} does not exist; give a run directory "
-                              "or its model.pt")
         if self.teacher is not None and not Path(self.teacher).exists():
             raise ConfigError(f"teacher: {self.teacher} does not exist; give a trained run "
                               "directory or its model.pt")
@@ -321,13 +320,26 @@ def parse_threshold(value: str | float) -> str | float:
                           f"got {value!r}") from None
 
 
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a recipe TOML (a file path, or the name of a bundled recipe such as 'lenet300')."""
     p = Path(path)
     if not p.exists() and (RECIPES_DIR / f"{path}.toml").exists():
         p = RECIPES_DIR / f"{path}.toml"
     try:
-        data = tomllib.loads(p.read_text())
+        if p.exists() and not p.is_dir() and not p.is_file():  # /dev/zero, a FIFO: no end
+            raise ConfigError(f"recipe {p} is not a regular file; give a .toml recipe")
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise ConfigError(f"recipe {p} is larger than {MAX_RECIPE_BYTES >> 10} KiB; a recipe "
+                              "is a few lines of TOML")
+        data = tomllib.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ConfigError(f"recipe {p}: values nested too deeply; a recipe holds flat "
+                          "settings") from None
     except FileNotFoundError:
         bundled = ", ".join(sorted(f.stem for f in RECIPES_DIR.glob("*.toml")))
         raise ConfigError(f"recipe file {path} not found; give a TOML path or one of: {bundled}") from None
@@ -369,5 +381,7 @@ def make_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConf
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        names = ", ".join(u[:40] for u in unknown[:5])
+        raise ConfigError(f"unknown setting(s) {names}{more}; known: {', '.join(sorted(known))}")
     return TrainConfig(**values).validate()

@@ -313,3 +313,31 @@ def current_params(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[st
                                "regularizer or pruner again for the changed model")
         out[n] = q
     return out
+
+
+class ModelWatch:
+    """Notices a layer added to the model after a regularizer or pruner was built on it (the
+    module count changes; counting costs microseconds), and warns once, naming the prunable
+    parameters that the object does not act on."""
+
+    def __init__(self, model: nn.Module, known: Iterable[str], what: str):
+        self.model, self.known, self.what = model, set(known), what
+        self.count = sum(1 for _ in model.modules())
+        self.warned = False
+
+    def check(self) -> None:
+        if self.warned:
+            return
+        count = sum(1 for _ in self.model.modules())
+        if count == self.count:
+            return
+        self.count = count
+        new = [n for n in prunable_weights(self.model) if n not in self.known]
+        if new:
+            import warnings
+            self.warned = True
+            warnings.warn(f"{self.what} was built before {', '.join(new[:3])}"
+                          f"{' and more' if len(new) > 3 else ''} existed and leaves "
+                          f"{'them' if len(new) > 1 else 'it'} alone; build a new {self.what} "
+                          "after changing the model", UserWarning, stacklevel=3)
+

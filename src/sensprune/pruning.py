@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError
-from .models import current_params, prunable_weights, select_params
+from .models import ModelWatch, current_params, prunable_weights, select_params
 
 
 def cubic_sparsity(target: float, progress: float) -> float:
@@ -46,10 +46,12 @@ class Pruner:
         # multiplying by it is ~9x faster than by a boolean tensor (which is converted on
         # every call), at the memory of one copy of the pruned parameters
         self._factors: dict[str, torch.Tensor] = {}
+        self._watch = ModelWatch(model, self.params, "Pruner")
 
     def refresh(self) -> None:
         """Follow the model: after ``model.double()``, ``.to()`` or a replaced layer, act on the
         model's current parameters (same names), never on stale tensors."""
+        self._watch.check()
         current = current_params(self.model, self.params)
         for n, p in current.items():
             if p is not self.params[n]:
@@ -246,9 +248,21 @@ class Pruner:
         return {"masks": {n: m.clone() for n, m in self.masks.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        for n, m in state["masks"].items():
+        """Masks from :meth:`state_dict`; every mask is checked (name, shape, a tensor) before
+        any is applied, so a state from another model changes nothing."""
+        masks = state.get("masks") if isinstance(state, dict) else None
+        if not isinstance(masks, dict):
+            raise ConfigError("a Pruner state is {'masks': {name: bool tensor}}; got "
+                              f"{type(state).__name__}")
+        for n, m in masks.items():
             if n not in self.masks:
-                raise ConfigError(f"mask for unknown parameter {n!r}")
+                raise ConfigError(f"mask for unknown parameter {n!r}: the state is from "
+                                  "another model (or another selection of parameters)")
+            if not torch.is_tensor(m) or tuple(m.shape) != tuple(self.masks[n].shape):
+                got = list(m.shape) if torch.is_tensor(m) else type(m).__name__
+                raise ConfigError(f"mask for {n!r} has shape {got}, the parameter "
+                                  f"{list(self.masks[n].shape)}: the state is from another model")
+        for n, m in masks.items():
             self.masks[n] = torch.ones_like(self.masks[n])
             self.prune(n, m.to(torch.bool))
         self._factors.clear()

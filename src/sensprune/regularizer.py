@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from .distributed import active as dist_active
 from .errors import ConfigError
-from .models import current_params, select_params  # noqa: F401  (select_params: re-exported)
+from .models import ModelWatch, current_params, select_params  # noqa: F401  (select_params: re-exported)
 from .sensitivity_engines import (BATCHNORM_MODES, LayerRecorder, check_options, compute,
                           samples_coupled)
 from .sensitivity_engines.definition import outputs_and_alpha
@@ -193,6 +193,7 @@ class SensitivityRegularizer:
         self.insensitivity: dict[str, torch.Tensor] = {}
         self._pending: tuple[dict[str, torch.Tensor], int] | None = None  # accumulate=True
         self.steps = 0
+        self._watch = ModelWatch(model, self.params, "SensitivityRegularizer")
 
     # -- computing S ---------------------------------------------------------------------------
     @property
@@ -215,6 +216,7 @@ class SensitivityRegularizer:
         ``accumulate=True`` (gradient accumulation): the S of each micro-batch is kept, and
         the next ``step()`` uses their mean weighted by batch size, which is exactly S of the
         whole batch (S is a mean over samples of per-sample quantities)."""
+        self._watch.check()
         if not self.due() or self.lam == 0 or self.sens_source == "loss":
             yield
             return
@@ -317,6 +319,24 @@ class SensitivityRegularizer:
         return {"steps": self.steps, "insensitivity": self.insensitivity, "lam": self.lam}
 
     def load_state_dict(self, state: dict) -> None:
+        """A state from :meth:`state_dict`, checked against this model's regularized
+        parameters (names and shapes) before anything is changed."""
+        if not isinstance(state, dict) or not {"steps", "lam", "insensitivity"} <= set(state):
+            raise ConfigError("a SensitivityRegularizer state has 'steps', 'lam' and "
+                              "'insensitivity'; this is not one")
+        ins = state["insensitivity"] or {}
+        if not isinstance(ins, dict):
+            raise ConfigError("the regularizer state's 'insensitivity' is not a dict")
+        for n, t in ins.items():
+            if n not in self.params:
+                raise ConfigError(f"the regularizer state names {n!r}, which this regularizer "
+                                  "does not regularize: the state is from another model")
+            if t is not None and (not torch.is_tensor(t)
+                                  or tuple(t.shape) != tuple(self.params[n].shape)):
+                got = list(t.shape) if torch.is_tensor(t) else type(t).__name__
+                raise ConfigError(f"the regularizer state's {n!r} has shape {got}, the "
+                                  f"parameter {list(self.params[n].shape)}: the state is from "
+                                  "another model")
         self.steps = int(state["steps"])
         self.lam = float(state["lam"])
-        self.insensitivity = dict(state["insensitivity"])
+        self.insensitivity = dict(ins)

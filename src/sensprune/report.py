@@ -94,6 +94,12 @@ def export_text(r: dict) -> str:
     return "\n".join(lines)
 
 
+# what summary_markdown reads from every run summary
+SUMMARY_KEYS = ("model", "dataset", "method", "epochs", "test_error", "val_error",
+                "compression_ratio", "nonzero_params", "total_params", "train_seconds",
+                "layers")
+
+
 def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     d = Path(run_dir)
     try:
@@ -105,8 +111,11 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
         raise CheckpointError(f"{d}/summary.json is not valid JSON ({exc})") from None
     metrics = []
     mpath = d / "metrics.jsonl"
-    if not isinstance(summary, dict):
-        raise CheckpointError(f"{d}/summary.json is not a run summary; train the run again")
+    missing = ([k for k in SUMMARY_KEYS if k not in summary] if isinstance(summary, dict)
+               else list(SUMMARY_KEYS))
+    if missing:
+        raise CheckpointError(f"{d}/summary.json is not a run summary (no "
+                              f"{', '.join(missing[:3])}); train the run again")
     if mpath.exists():
         for line in mpath.read_text(errors="replace").splitlines():
             try:

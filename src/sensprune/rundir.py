@@ -80,6 +80,13 @@ def owned_files(out: Path) -> tuple[list[str], list[str]]:
     return mine, foreign
 
 
+def _same_size(path: Path, key: list[int]) -> bool:
+    try:
+        return bool(key) and path.stat().st_size == key[0]
+    except OSError:
+        return False
+
+
 class RunClaim:
     """What :func:`claim` holds: the directory and the old run's files, if it replaces one."""
 
@@ -158,9 +165,14 @@ def claim(out: str | Path, resume: bool = False, overwrite: bool = False, main: 
                                   "continue it with --resume, replace it with --overwrite, or "
                                   "choose another --out")
             if foreign:
+                listed = _read_manifest(out)
+                copied = [n for n in foreign if n in listed and _same_size(out / n, listed[n])]
+                why = (f" ({', '.join(copied)} have the sizes sensprune wrote but new "
+                       "modification times: the run looks copied, e.g. by `cp -r` without -p)"
+                       if copied else "")
                 raise ConfigError(f"{out} holds {', '.join(foreign)} that sensprune did not "
-                                  "write (or that changed since); --overwrite deletes only a "
-                                  "run's own files: move them away or choose another --out")
+                                  f"write (or that changed since){why}; --overwrite deletes only "
+                                  "a run's own files: move them away or choose another --out")
         handle = RunClaim(out, mine if (overwrite and not resume) else [], main)
         yield handle
         handle.commit()
@@ -223,3 +235,45 @@ def _release(out: Path, f) -> None:
     with contextlib.suppress(OSError):
         (out / LOCK).unlink()
     f.close()  # closing releases the flock
+
+
+# what a run needs to resume, report and deploy (its plots are redrawn by report/inspect)
+PROTECTED = ("checkpoint.pt", "metrics.jsonl", "summary.json", "summary.md", "model.pt",
+             "model.safetensors", MANIFEST, LOCK)
+
+
+def is_run_directory(path: Path) -> bool:
+    """A directory a sensprune run wrote (its manifest, or a checkpoint and a summary)."""
+    return path.is_dir() and ((path / MANIFEST).exists() or (
+        (path / "checkpoint.pt").exists() and (path / "summary.json").exists()))
+
+
+def check_outputs(reads: list[str | Path], writes: dict[str, str | Path | None]) -> None:
+    """Refuse, before any work, an output option (``{"--json": path}``) that names a file the
+    command reads, another output of the same command, or one of a run directory's own files
+    (its checkpoint, model, summary, metrics, manifest or lock): such a write would
+    silently replace what the user needs to resume or report."""
+    def key(p: str | Path) -> Path:
+        return Path(os.path.abspath(p)).resolve()
+
+    read_keys = {}
+    for r in reads:
+        rp = key(r)
+        read_keys[rp] = str(r)
+    seen: dict[Path, str] = {}
+    for flag, w in writes.items():
+        if not w:
+            continue
+        wp = key(w)
+        if wp in read_keys:
+            raise ConfigError(f"{flag} {w} is a file this command reads; write to another file")
+        if wp in seen:
+            raise ConfigError(f"{flag} and {seen[wp]} name the same file {w}; give each its own")
+        for r in read_keys:
+            if r.is_dir() and wp.parent == r and wp.name in PROTECTED:
+                raise ConfigError(f"{flag} {w} would replace the run's own {wp.name}; write to "
+                                  "a file outside the run directory or with another name")
+        if is_run_directory(wp.parent) and wp.name in PROTECTED:
+            raise ConfigError(f"{flag} {w} would replace the {wp.name} of the run in "
+                              f"{wp.parent}; write to another file")
+        seen[wp] = flag

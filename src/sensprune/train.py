@@ -67,6 +67,10 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
     if resume and not (Path(cfg.out) / CHECKPOINT).exists():
         raise ConfigError(f"--resume: no checkpoint in {cfg.out}; run without --resume first "
                           "or pass the right --out")
+    if cfg.init_from is not None and not resume and not Path(cfg.init_from).exists():
+        # checked here, not in validate(): a resumed run never reads it again
+        raise ConfigError(f"init_from: {cfg.init_from} does not exist; give a run directory "
+                          "or its model.pt")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # decayed weights pass through subnormal floats on their way to the threshold, and CPU
@@ -283,6 +287,9 @@ def _record_epoch(run: _Run, epoch: int, phase: str, next_phase: str,
     }
     with open(run.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record, allow_nan=False) + "\n")
+    # recorded at once: if the checkpoint write below is interrupted, --overwrite can still
+    # tell this run's metrics from a file the user put there
+    record_files(run.out, "metrics.jsonl")
     log(f"epoch {epoch + 1:3d}/{run.cfg.epochs} {phase:8s} loss {train[0]:.4f} "
         f"val {val_err:5.2f}% test {test_err:5.2f}% remaining "
         f"{sp['remaining_percent']:6.2f}% ({sp['compression_ratio']:.1f}x)"

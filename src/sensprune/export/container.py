@@ -6,6 +6,7 @@ sizes against the file before allocating anything, then the digest, and decodes 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import lzma
@@ -98,11 +99,19 @@ def export(state_dict: dict[str, torch.Tensor], path: str | Path, arch: dict[str
     if compress == "lzma":  # the header too (JSON inside JSON escapes every quote)
         text = "lzma:" + base64.b85encode(lzma.compress(
             text.encode(), format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)).decode()
-    save_file(stored, str(tmp), metadata={"sensprune": text})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an export is meant to be shared
-    tmp.replace(path)
+    try:
+        save_file(stored, str(tmp), metadata={"sensprune": text})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an export is meant to be shared
+        tmp.replace(path)
+    except Exception as exc:  # a read-only folder, a full disk, a file-size limit
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        why = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:120]
+        raise CheckpointError(f"cannot write {path} ({why}); nothing was written there (an "
+                              "older file of that name is kept); fix the folder or free space "
+                              "and export again") from None
     size = path.stat().st_size
     payload = sum(v.nbytes for v in stored.values())
     return {"file_bytes": size, "dense_fp32_bytes": dense_bytes, "ratio": dense_bytes / size,
@@ -122,12 +131,51 @@ def _check_output(path: str | Path) -> Path:
 
 MAX_EXPORT_BYTES = 8 << 30  # no sensprune export is near this (VGG-16 dense fp32: 0.55 GB)
 MAX_TENSOR_NUMEL = 1 << 31
-# a tensor with no architecture to check it against: its declared size is bounded by the
-# file's (a 1000x sparse tensor stores about 1 byte per 100 entries)
+# The entries a file declares are bounded by its size: sensprune's own exports hold ~30
+# entries per byte (fp32, 200x), ~360 at 1,000x and ~700 at 2,000x in int8 + LZMA; an empty
+# CSR that declares a 16000x16000 layer in 16 KB (16,000 per byte) is a memory bomb.
 NUMEL_PER_FILE_BYTE = 1024
-# LZMA turns long zero runs into almost nothing; an unpacked payload beyond this many bytes per
-# file byte is a decompression bomb, not a model
-MAX_UNPACKED_PER_FILE_BYTE = 4096
+# LZMA turns long zero runs into almost nothing; sensprune's arrays unpack to at most ~2.2
+# bytes per file byte, so a payload beyond this is a decompression bomb
+MAX_UNPACKED_PER_FILE_BYTE = 64
+# The absolute cap on what one load decodes (fp32 bytes of the state), whatever the file's
+# size. Setting the environment variable replaces both bounds with its value: the way to load
+# a model over 2 GiB, or one so sparse (> ~2,000x) that it holds more entries per byte.
+LOAD_LIMIT_ENV = "SENSPRUNE_MAX_LOAD_BYTES"
+DEFAULT_MAX_LOAD_BYTES = 2 << 30
+
+
+def max_load_bytes() -> tuple[int, bool]:
+    """(the cap on the decoded state of one export, whether the user set it): the value of
+    $SENSPRUNE_MAX_LOAD_BYTES, or 2 GiB (VGG-16 dense in fp32 decodes to 0.55 GB)."""
+    raw = os.environ.get(LOAD_LIMIT_ENV, "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_MAX_LOAD_BYTES
+        if not math.isfinite(value) or value < 0:
+            raise ValueError
+        return int(value), bool(raw.strip())
+    except ValueError:
+        raise CheckpointError(f"{LOAD_LIMIT_ENV}={raw!r} is not a number of bytes; set it to "
+                              "e.g. 8e9 or unset it") from None
+
+
+def _check_total(entries: int, unpacked_bytes: int, file_bytes: int) -> None:
+    """Refuse a load that would decode more than the file could hold, or than the cap."""
+    cap, user_set = max_load_bytes()
+    if 4 * entries > cap or (user_set and unpacked_bytes > cap):
+        raise CheckpointError(f"the header declares {entries} entries ({4 * entries / 2**30:.2f} "
+                              f"GiB decoded), over the load limit of {cap} bytes; if the model "
+                              f"is really that large, raise {LOAD_LIMIT_ENV}")
+    if user_set:
+        return  # the user's cap replaces the per-byte bounds
+    if entries > NUMEL_PER_FILE_BYTE * file_bytes + (1 << 20):
+        raise CheckpointError(f"the header declares {entries} entries, far more than a "
+                              f"{file_bytes}-byte file can hold (at most {NUMEL_PER_FILE_BYTE} "
+                              f"per byte; {LOAD_LIMIT_ENV} lifts this for a trusted file); "
+                              "refused")
+    if unpacked_bytes > MAX_UNPACKED_PER_FILE_BYTE * file_bytes + (1 << 20):
+        raise CheckpointError(f"the header declares {unpacked_bytes} unpacked bytes, far more "
+                              f"than a {file_bytes}-byte file can hold; refused")
 
 
 def _expected_shapes(arch: Any) -> dict[str, tuple[int, ...]] | None:
@@ -245,10 +293,7 @@ def _packed_layout(packed: Any, declared: dict, file_bytes: int) -> dict:
                        and e[1] in _DTYPES and isinstance(e[2], int) and not isinstance(e[2], bool)
                        and 0 <= e[2] <= MAX_TENSOR_NUMEL for e in packed)):
         raise CheckpointError("malformed packed payload; export it again")
-    total = _unpacked_bytes(packed)
-    if total > MAX_UNPACKED_PER_FILE_BYTE * file_bytes + (1 << 24):
-        raise CheckpointError(f"the header declares {total} unpacked bytes, far more than a "
-                              f"{file_bytes}-byte file can hold; refused")
+    _check_total(0, _unpacked_bytes(packed), file_bytes)
     return {e[0]: ((e[2],), _DTYPES[e[1]][0]) for e in packed}
 
 
@@ -302,9 +347,7 @@ def _check_layout(header: dict, declared: dict[str, tuple[tuple[int, ...], str]]
                                       f"{header['arch']['model']} has {list(expected[name])}")
         total += numel
         check_arrays(name, meta, shape, numel, declared)
-    if expected is None and total > NUMEL_PER_FILE_BYTE * file_bytes + (1 << 20):
-        raise CheckpointError(f"the header declares {total} entries, far more than a "
-                              f"{file_bytes}-byte file can hold; refused")
+    _check_total(total, 0, file_bytes)
 
 
 def check_arrays(name: str, meta: dict, shape: tuple[int, ...], numel: int,

@@ -3,6 +3,8 @@ packages: pip install 'sensprune[onnx]')."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +22,24 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
         raise ConfigError("ONNX export needs the optional packages: pip install "
                           "'sensprune[onnx]' (onnx, onnxruntime)") from None
     x = torch.randn(2, *input_shape)
-    torch.onnx.export(model.eval(), (x,), str(path), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"},
-                                                             "logits": {0: "batch"}},
-                      dynamo=False)
-    return Path(path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # a fault leaves no torn file
+    try:
+        torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"},
+                                                                 "logits": {0: "batch"}},
+                          dynamo=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(f"cannot write {path} ({exc.strerror or exc}); nothing was written "
+                          "there; fix the folder or free space and export again") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
 
 
 def check_onnx(model: nn.Module, path: str | Path, input_shape, x: torch.Tensor) -> dict:
