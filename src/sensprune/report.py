@@ -54,11 +54,18 @@ def bench_infer_markdown(r: dict) -> str:
     for row in r["layers"]:
         lines.append(f"| {row['layer']} | {row['batch']} | {row['density']:.4f} | "
                      f"{row['dense_us']:.1f} | {row['sparse_us']:.1f} | {row['speedup']:.2f} |")
-    lines.append("| **whole model** | batch | | dense us | CSR us | as loaded us |")
     m = r["model_us"]
+    base = r.get("baseline", "dense")
+    lines.append("| **whole model** | batch | as trained, dense us | this file, dense us | "
+                 "this file, CSR us | as loaded us | as loaded: x faster than as trained |")
     for b in sorted({int(k.split("@")[1]) for k in m}):
-        lines.append(f"| | {b} | | {m[f'dense@{b}']:.1f} | {m[f'sparse@{b}']:.1f} | "
-                     f"{m[f'auto@{b}']:.1f} |")
+        trained = m.get(f"trained@{b}")
+        lines.append(f"| | {b} | {'' if trained is None else f'{trained:.1f}'} | "
+                     f"{m[f'dense@{b}']:.1f} | {m[f'sparse@{b}']:.1f} | {m[f'auto@{b}']:.1f} | "
+                     f"{m[f'{base}@{b}'] / m[f'auto@{b}']:.2f} |")
+    if base != "trained":
+        lines.append("(the file's architecture is not a bundled one: the baseline is this "
+                     "file on dense kernels)")
     if r.get("chosen"):  # what sensprune.load picked, layer@batch size, by timing
         lines.append("kernels as loaded (by measurement): " + ", ".join(
             f"{k} {v}" for k, v in r["chosen"].items()))

@@ -216,6 +216,15 @@ def bench_inference(path: str | Path, batch_sizes=(1, 64), reps: int = 200) -> d
     # as a user gets it: the engine for a compacted export
     variants["auto"] = _inference_model(header, state, None, "auto")
     shape = tuple(header["arch"]["input_shape"])
+    # the baseline a speed-up is quoted against: the network as trained, dense kernels, its
+    # full architecture (a compacted export lost the removed units; a dense layer's time does
+    # not depend on its values, so the architecture rebuilt with fresh weights times the same)
+    from ..models import MODELS, build_model
+    source = header["arch"].get("source_model", header["arch"].get("model"))
+    if source in MODELS:
+        variants["trained"] = build_model(source, header["arch"]["num_classes"], shape).eval()
+        for p in variants["trained"].parameters():
+            p.requires_grad_(False)
     rounds = max(3, reps // 10)
     for b in batch_sizes:
         for _, name, m, _ in _sparse_layers(build_from_export(header, state).eval()):
@@ -228,5 +237,6 @@ def bench_inference(path: str | Path, batch_sizes=(1, 64), reps: int = 200) -> d
         t = interleaved_medians(variants, torch.randn(b, *shape), rounds)
         whole.update({f"{k}@{b}": v * 1e6 for k, v in t.items()})
     return {"file": str(path), "layers": rows, "model_us": whole, "reps": reps,
+            "baseline": "trained" if "trained" in variants else "dense",
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "chosen": {k: v["kernel"] for k, v in variants["auto"].kernel_report.items()}}
