@@ -250,8 +250,7 @@ def cmd_report(args) -> int:
 
 
 # the settings `inspect` can override (the run's own otherwise); library and CLI names alike
-INSPECT_SETTINGS = ("kind", "outputs", "reduction", "normalize", "beta", "quantile",
-                    "times_weight", "sens_source", "decay_floor")
+from .methods.sensitivity import INSPECT as INSPECT_SETTINGS  # noqa: E402
 
 
 def cmd_inspect(args) -> int:

@@ -264,26 +264,27 @@ def _current(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in REMOVED_SETTINGS}
 
 
-# Settings that only some methods read (method names), and those that only the loop's
-# threshold policy reads: for any other method they cannot change the result.
-READ_BY = {
-    "kind": ("sensitivity", "neuron"), "decay_floor": ("sensitivity", "neuron"),
-    "normalize": ("sensitivity", "neuron"),
-    **{k: ("sensitivity",) for k in (
-        "reduction", "outputs", "beta", "quantile",
-        "times_weight", "batchnorm", "sens_source", "sens_every", "output_samples",
-        "lam_lr_scaled")},
-    "gmp_every": ("gmp",), "unit_decay": ("neuron",), "vd_kl_warmup_epochs": ("sparse_vd",),
-    "vd_kl_delay_epochs": ("sparse_vd",),
-}
+def read_by() -> dict[str, tuple[str, ...]]:
+    """Settings that only some methods read -> those methods' names, from each registered
+    method's own declaration (``Method.reads``): for any other method they cannot change the
+    result. Read at call time, so a method registered later counts."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, cls in REGISTRY.items():
+        for key in getattr(cls, "reads", ()):
+            out[key] = out.get(key, ()) + (name,)
+    return out
+
+
+# Settings that only the loop's threshold policy reads
 THRESHOLD_SETTINGS = ("threshold", "val_budget", "threshold_ref", "prune_patience",
                       "prune_every")
 
 
 def _reads(method: str, key: str) -> bool:
     """Whether a run of ``method`` reads the setting ``key`` (unknown methods read all)."""
-    if key in READ_BY:
-        return method in READ_BY[key]
+    by = read_by()
+    if key in by:
+        return method in by[key]
     cls = REGISTRY.get(method)
     if cls is None:
         return True

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .checkpoint import load_run_model
 from .data import load_dataset
 from .models import prunable_weights
+from .methods.sensitivity import INSPECT
 from .regularizer import insensitivity
 from .plots import plot_histograms
 from .sensitivity_engines import sensitivity
@@ -92,10 +93,7 @@ def inspect_run(path: str | Path, images: int = 100, png: str | Path | None = No
     """``inspect_sensitivity`` of a trained run on its first ``images`` training images.
     Settings left out take the run's own (kind, outputs, normalize, ...)."""
     cfg, model = load_run_model(path)
-    own = {"kind": cfg.kind, "reduction": cfg.reduction, "outputs": cfg.outputs,
-           "normalize": cfg.normalize, "beta": cfg.beta, "quantile": cfg.quantile,
-           "times_weight": cfg.times_weight, "sens_source": cfg.sens_source,
-           "decay_floor": cfg.decay_floor}
+    own = {k: getattr(cfg, k) for k in INSPECT}  # the sensitivity method's declaration
     own.update({k: v for k, v in settings.items() if v is not None})
     splits = load_dataset(cfg.dataset, data_dir or cfg.data_dir, cfg.val_size)
     x, t = splits.train[0][:images], splits.train[1][:images]

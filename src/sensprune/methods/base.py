@@ -51,6 +51,10 @@ class Method:
     sparsifies = True  # False: no warm-up / sparsification / fine-tuning phases (dense training)
     uses_threshold = False  # the loop thresholds at the ends of sparsification epochs
     uses_lam = False  # the run's ``lam`` is this method's strength (tables report it)
+    # the settings only this kind of method reads (beyond the loop's common ones: epochs, lr,
+    # lam, regularize, seed, ...); config compares a resumed run's settings, and reports which
+    # settings a run ignores, from these declarations
+    reads: tuple[str, ...] = ()
     quick_settings: dict[str, Any] = {}  # overrides for ``reproduce --quick`` (a tiny budget)
     policy = None  # the run's ThresholdPolicy, given to methods with ``uses_threshold``
 

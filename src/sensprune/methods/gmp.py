@@ -14,6 +14,7 @@ from .base import Method, MethodContext
 
 class GradualMagnitude(Method):
     name = "gmp"
+    reads = ("gmp_every",)
     quick_settings = {"gmp_every": 5}
 
     def __init__(self, pruner, target_sparsity: float, total_steps: int, gmp_every: int = 100,

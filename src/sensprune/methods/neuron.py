@@ -57,6 +57,7 @@ class NeuronSensitivity(Method):
     name = "neuron"
     uses_threshold = True
     uses_lam = True
+    reads = ("kind", "decay_floor", "normalize", "unit_decay")
 
     def __init__(self, model, lam: float, kind: str = "specific", decay_floor: float = 0.0,
                  normalize: str = "none", unit_decay: str = "proportional"):

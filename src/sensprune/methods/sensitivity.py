@@ -9,15 +9,20 @@ from ..regularizer import SensitivityRegularizer
 from .base import Method, MethodContext
 
 
-SETTINGS = ("kind", "reduction", "outputs", "regularize", "sens_every", "lam_lr_scaled", "seed",
-            "normalize", "beta", "quantile", "sens_source", "times_weight", "batchnorm",
-            "decay_floor")
+# the sensitivity's own settings (the library's argument names), then the common ones it reads
+OWN = ("kind", "reduction", "outputs", "sens_every", "lam_lr_scaled", "normalize", "beta",
+       "quantile", "sens_source", "times_weight", "batchnorm", "decay_floor")
+SETTINGS = OWN + ("regularize", "seed")
+# what `sensprune inspect` can override: the settings that shape S and d on a trained model
+INSPECT = ("kind", "outputs", "reduction", "normalize", "beta", "quantile", "times_weight",
+           "sens_source", "decay_floor")
 
 
 class Sensitivity(SensitivityRegularizer, Method):
     name = "sensitivity"
     uses_threshold = True
     uses_lam = True
+    reads = OWN + ("output_samples",)
 
     @classmethod
     def from_config(cls, cfg, ctx: MethodContext) -> "Sensitivity":

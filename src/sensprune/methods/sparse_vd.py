@@ -59,6 +59,7 @@ _BACK = {v: k for k, v in _SWAP.items()}
 
 class SparseVD(Method):
     name = "sparse_vd"
+    reads = ("vd_kl_warmup_epochs", "vd_kl_delay_epochs")
 
     def __init__(self, model: nn.Module, n_train: int, kl_warmup_steps: int = 0, pruner=None,
                  init_log_sigma2: float = -10.0, kl_delay_steps: int = 0):
