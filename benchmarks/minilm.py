@@ -83,7 +83,7 @@ def main():
         jobs = [((runs, "dense", 0.0, s), {"save": True}) for s in seeds]
         lam = {"sensitivity": a.lam_sensitivity, "l2": a.lam_l2,
                "sensitivity-norm": a.lam_sensitivity}
-        jobs += [((runs, m, sp, s), {"lam": lam.get(m), "save": m == "sensitivity" and sp == 0.9 and s == seeds[0]})
+        jobs += [((runs, m, sp, s), {"lam": lam.get(m), "save": m == "sensitivity" and sp == 0.9 and s == seeds[-1]})
                  for sp in sorted(SPARSITIES, reverse=True) for s in seeds for m in METHODS]
         pool(jobs)
         kd = [((runs, "sensitivity", 0.9, s), {"lam": a.lam_sensitivity, "teacher":
@@ -95,7 +95,35 @@ def main():
     table(runs, Path(a.out))
 
 
+def pruned_pretrained(runs: Path):
+    """The embeddings' fidelity with pruning alone: the pretrained encoder, its Linear weights
+    cut to each sparsity by one global magnitude threshold, no training (no accuracy: there is
+    no head). Separates what pruning costs the embeddings from what fine-tuning moves them."""
+    import torch
+    sys.path.insert(0, str(ROOT / "examples"))
+    import minilm_task
+    import prune_minilm as pm
+
+    import sensprune
+    torch.set_num_threads(1)
+    todo = [sp for sp in SPARSITIES if not (runs / f"pretrained-magnitude-{int(100 * sp)}.json").exists()]
+    if not todo:
+        return
+    data, manifest = minilm_task.build()
+    ids, mask = pm.tokenize(data["test"][0])
+    reference = pm.embeddings(pm.load_encoder().eval(), ids, mask)
+    for sp in todo:
+        enc = pm.load_encoder().eval()
+        sensprune.Pruner(enc, sensprune.prunable_weights(enc)).prune_to(sp)
+        r = {"method": "magnitude, no training", "sparsity": sp, "seed": 0, "lam": None,
+             "teacher": False, "val_accuracy": None, "test_accuracy": None, "seconds": 0.0,
+             "pruned": sp, **pm.fidelity(pm.embeddings(enc, ids, mask), reference),
+             "task_sha256": manifest["sha256"]["test"]}
+        (runs / f"pretrained-magnitude-{int(100 * sp)}.json").write_text(json.dumps(r, indent=1))
+
+
 def table(runs: Path, out: Path):
+    pruned_pretrained(runs)
     rows = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
     groups: dict[tuple, list] = {}
     for r in rows:
@@ -105,8 +133,14 @@ def table(runs: Path, out: Path):
     grid_lams = {m: lam for (m, sp, lam), g in groups.items() if sp == 0.5 and lam is not None}
 
     def mean_std(g, k):
-        v = [100 * r[k] if k.endswith(("accuracy", "agreement")) else r[k] for r in g]
+        v = [100 * r[k] if k.endswith(("accuracy", "agreement")) else r[k] for r in g
+             if r[k] is not None]
+        if not v:
+            return None, None
         return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+    def fmt(v, spec):
+        return "" if v is None else format(v, spec)
 
     table_rows = []
     for (m, sp, lam), g in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -116,7 +150,8 @@ def table(runs: Path, out: Path):
         val, _ = mean_std(g, "val_accuracy")
         table_rows.append({
             "method": m, "sparsity": sp, "lam": lam, "seeds": sorted(r["seed"] for r in g),
-            "accuracy": [round(acc, 2), round(acc_sd, 2)], "val_accuracy": round(val, 2),
+            "accuracy": None if acc is None else [round(acc, 2), round(acc_sd, 2)],
+            "val_accuracy": None if val is None else round(val, 2),
             "cosine": round(mean_std(g, "cosine")[0], 4),
             "top1_agreement": round(mean_std(g, "top1_agreement")[0], 2),
             "top10_agreement": round(mean_std(g, "top10_agreement")[0], 2),
@@ -131,9 +166,10 @@ def table(runs: Path, out: Path):
              "pretrained | top-1 NN agreement % | top-10 NN agreement % | train s (median) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table_rows:
+        acc = "" if r["accuracy"] is None else f"{r['accuracy'][0]:.2f} ± {r['accuracy'][1]:.2f}"
         lines.append(f"| {r['method']} | {100 * r['sparsity']:.0f}% | {r['lam'] or ''} | "
-                     f"{','.join(map(str, r['seeds']))} | {r['accuracy'][0]:.2f} ± "
-                     f"{r['accuracy'][1]:.2f} | {r['val_accuracy']:.2f} | {r['cosine']:.3f} | "
+                     f"{','.join(map(str, r['seeds']))} | {acc} | "
+                     f"{fmt(r['val_accuracy'], '.2f')} | {r['cosine']:.3f} | "
                      f"{r['top1_agreement']:.1f} | {r['top10_agreement']:.1f} | {r['seconds']} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -151,7 +187,7 @@ def plot(rows, path):
     dense = [r for r in rows if r["method"] == "dense"]
     if dense:
         ax.axhline(dense[0]["accuracy"][0], color="gray", ls="--", label="dense fine-tuned")
-    for m in sorted({r["method"] for r in rows} - {"dense"}):
+    for m in sorted({r["method"] for r in rows if r["accuracy"] is not None} - {"dense"}):
         rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["sparsity"])
         ax.errorbar([100 * r["sparsity"] for r in rs], [r["accuracy"][0] for r in rs],
                     yerr=[r["accuracy"][1] for r in rs], marker="o", capsize=3, label=m)
