@@ -184,3 +184,33 @@ def test_auto_threshold_with_scores_bisects_over_the_criterion():
     frac = zeros_fraction()
     assert 25.0 <= frac <= 30.0  # the largest cut of the score ranking within the budget
     assert all(torch.equal(pr.masks[n], scores[n] >= t) for n in scores)
+
+
+def test_a_threshold_rule_of_your_own_plugs_into_the_policy():
+    """The threshold choice is an object: a rule written here (prune to a fixed fraction of
+    each layer, ranked by S-like scores) runs under the policy's every/last gating."""
+    from sensprune.pruning import (AutoThreshold, FixedThreshold, NoThreshold,
+                                   ScheduledThreshold, ThresholdPolicy, ThresholdRule,
+                                   threshold_rule)
+
+    assert isinstance(threshold_rule("auto"), AutoThreshold)
+    assert isinstance(threshold_rule("schedule"), ScheduledThreshold)
+    assert isinstance(threshold_rule("none"), NoThreshold)
+    assert threshold_rule(0.25).t == 0.25 and isinstance(threshold_rule(0.25), FixedThreshold)
+
+    class HalfPerLayer(ThresholdRule):
+        name = "half"
+
+        def apply(self, policy, state, index, last, before, evaluate):
+            return policy.pruner.prune_to(0.5, "layer")
+
+    m = model()
+    p = Pruner(m)
+    pol = ThresholdPolicy(p, HalfPerLayer(), every=2)
+    state = {"thresholds": [], "reference_val_error": None}
+    assert pol.end_epoch(state, 1, last=False, evaluate=None) is None  # not due (every 2)
+    assert p.nonzero() == 2400
+    assert pol.end_epoch(state, 2, last=False, evaluate=None) is not None
+    for name, mask in p.masks.items():  # half of each layer, by hand
+        assert int(mask.sum()) == mask.numel() - int(0.5 * mask.numel())
+    assert len(state["thresholds"]) == 1

@@ -286,14 +286,17 @@ class ThresholdPolicy:
     Everything it remembers lives in the run's ``state`` dict, so it is checkpointed.
     """
 
-    def __init__(self, pruner: Pruner, threshold: str | float = "auto", mode: str = "global",
-                 val_budget: float = 0.1, reference: str = "epoch", patience: int = 0,
-                 every: int = 1, is_main: bool = True,
+    def __init__(self, pruner: Pruner, threshold: "str | float | ThresholdRule" = "auto",
+                 mode: str = "global", val_budget: float = 0.1, reference: str = "epoch",
+                 patience: int = 0, every: int = 1, is_main: bool = True,
                  broadcast: Callable[[float], float] = lambda t: t,
                  target_sparsity: float = 0.95, sparsify_epochs: int = 1):
-        self.pruner, self.threshold, self.mode = pruner, threshold, mode
-        self.target, self.sparsify_epochs = target_sparsity, max(1, sparsify_epochs)
-        self.val_budget, self.reference = val_budget, reference
+        self.pruner, self.mode = pruner, mode
+        self.rule = threshold_rule(threshold, target_sparsity=target_sparsity,
+                                   sparsify_epochs=sparsify_epochs, val_budget=val_budget,
+                                   reference=reference)
+        self.threshold = threshold if not isinstance(threshold, ThresholdRule) else self.rule.name
+        self.reference = reference
         self.patience, self.every = patience, every
         self.is_main, self.broadcast = is_main, broadcast
 
@@ -313,28 +316,99 @@ class ThresholdPolicy:
         if self.patience and not last:
             before = evaluate()
             due = due and _plateaued(state, before[1], self.patience)
-        if self.threshold == "none" or not due:
+        if not due:
             return None
-        if self.threshold == "schedule":  # prune_to prunes by itself
-            progress = 1.0 if last else index / self.sparsify_epochs
-            t = self.pruner.prune_to(cubic_sparsity(self.target, progress), self.mode)
-        else:
-            if self.threshold == "auto":
-                t = 0.0
-                if self.is_main:
-                    if self.reference != "start" or state["reference_val_error"] is None:
-                        now = before[0] if before is not None else evaluate()[0]
-                        state["reference_val_error"] = (
-                            _lowest(now, state.get("best_val_error"))
-                            if self.reference == "best" else now)
-                    budget = state["reference_val_error"] + self.val_budget
-                    t = self.pruner.auto_threshold(lambda: evaluate()[0], budget, self.mode)
-                t = self.broadcast(t)
-            else:
-                t = float(self.threshold)
-            self.pruner.threshold(t, self.mode)
-        state["thresholds"].append(t)
+        t = self.rule.apply(self, state, index, last, before, evaluate)
+        if t is not None:
+            state["thresholds"].append(t)
         return t
+
+
+class ThresholdRule:
+    """How T is chosen when a threshold is due (the choice behind ``threshold =``): a small
+    object per policy. ``apply`` prunes and returns the T it applied (None: nothing done)."""
+    name = "rule"
+
+    def apply(self, policy: ThresholdPolicy, state: dict, index: int, last: bool,
+              before: tuple[float, float] | None,
+              evaluate: Callable[[], tuple[float, float]]) -> float | None:
+        raise NotImplementedError
+
+
+class NoThreshold(ThresholdRule):
+    """``threshold = "none"``: never prune (the method prunes by itself, or not at all)."""
+    name = "none"
+
+    def apply(self, policy, state, index, last, before, evaluate):
+        return None
+
+
+class FixedThreshold(ThresholdRule):
+    """``threshold = T``: prune every kept weight with |w| < T (per ``mode``)."""
+    name = "fixed"
+
+    def __init__(self, t: float):
+        self.t = float(t)
+
+    def apply(self, policy, state, index, last, before, evaluate):
+        policy.pruner.threshold(self.t, policy.mode)
+        return self.t
+
+
+class ScheduledThreshold(ThresholdRule):
+    """``threshold = "schedule"``: after sparsification epoch i of n, the smallest weights
+    go until ``target * (1 - (1 - i/n)^3)`` are pruned (Zhu & Gupta's cubic schedule)."""
+    name = "schedule"
+
+    def __init__(self, target_sparsity: float, sparsify_epochs: int):
+        self.target, self.sparsify_epochs = target_sparsity, max(1, sparsify_epochs)
+
+    def apply(self, policy, state, index, last, before, evaluate):
+        progress = 1.0 if last else index / self.sparsify_epochs
+        return policy.pruner.prune_to(cubic_sparsity(self.target, progress), policy.mode)
+
+
+class AutoThreshold(ThresholdRule):
+    """``threshold = "auto"``: the largest T whose validation error stays within
+    ``val_budget`` points of the reference (``"epoch"``, ``"start"`` or ``"best"``); rank 0
+    searches, ``policy.broadcast`` shares its T."""
+    name = "auto"
+
+    def __init__(self, val_budget: float, reference: str):
+        self.val_budget, self.reference = val_budget, reference
+
+    def apply(self, policy, state, index, last, before, evaluate):
+        t = 0.0
+        if policy.is_main:
+            if self.reference != "start" or state["reference_val_error"] is None:
+                now = before[0] if before is not None else evaluate()[0]
+                state["reference_val_error"] = (
+                    _lowest(now, state.get("best_val_error"))
+                    if self.reference == "best" else now)
+            budget = state["reference_val_error"] + self.val_budget
+            t = policy.pruner.auto_threshold(lambda: evaluate()[0], budget, policy.mode)
+        t = policy.broadcast(t)
+        policy.pruner.threshold(t, policy.mode)
+        return t
+
+
+def threshold_rule(threshold: "str | float | ThresholdRule", *, target_sparsity: float = 0.95,
+                   sparsify_epochs: int = 1, val_budget: float = 0.1,
+                   reference: str = "epoch") -> ThresholdRule:
+    """The rule object for a ``threshold`` setting (already checked by the config): 'auto',
+    'schedule', 'none', a number, or a :class:`ThresholdRule` of your own."""
+    if isinstance(threshold, ThresholdRule):
+        return threshold
+    if threshold == "none":
+        return NoThreshold()
+    if threshold == "schedule":
+        return ScheduledThreshold(target_sparsity, sparsify_epochs)
+    if threshold == "auto":
+        return AutoThreshold(val_budget, reference)
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        return FixedThreshold(threshold)
+    raise ConfigError(f"threshold must be 'auto', 'schedule', 'none', a number or a "
+                      f"ThresholdRule; got {threshold!r}")
 
 
 def _lowest(value: float, best: float | None) -> float:
