@@ -201,3 +201,25 @@ def test_a_removed_setting_never_makes_two_runs_differ():
     assert differing_settings(today, old) == []
     assert differing_settings(old, today) == []
     assert differing_settings(old, {**today, "lam": 2e-3}) == ["lam"]
+
+
+def test_run_summary_is_the_typed_contract_of_summary_json():
+    """Every committed summary.json reads into a RunSummary and writes back unchanged; the
+    mapping view keeps dict-style readers working; a summary without its keys is refused by
+    name."""
+    import json
+    from pathlib import Path
+
+    from sensprune import RunSummary
+    root = Path(__file__).resolve().parents[1] / "results"
+    files = sorted(root.glob("lenet*/*/summary.json"))
+    assert len(files) > 30
+    for f in files:
+        d = json.loads(f.read_text())
+        s = RunSummary.from_dict(d)
+        assert s.to_dict() == d
+        assert s["test_error"] == s.test_error == d["test_error"] and "config" in s
+    with pytest.raises(ValueError, match="no model, dataset, method"):
+        RunSummary.from_dict({})
+    with pytest.raises(ValueError, match="JSON object"):
+        RunSummary.from_dict([1])

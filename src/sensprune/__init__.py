@@ -23,10 +23,11 @@ from .pruning import Pruner, cubic_sparsity, sparsity_report
 from .regularizer import SensitivityRegularizer
 from .sensitivity_engines import coverage, sensitivity
 from .reproduce import reproduce
+from .results import RunSummary
 from .train import evaluate, train
 
 __all__ = [
     "sensitivity", "coverage", "SensitivityRegularizer", "Pruner", "cubic_sparsity",
     "sparsity_report", "build_model", "prunable_weights", "load_dataset", "make_config", "TrainConfig", "train", "evaluate",
-    "SensPruneError", "compact", "export", "load", "reproduce", "__version__",
+    "SensPruneError", "compact", "export", "load", "reproduce", "RunSummary", "__version__",
 ]

@@ -206,7 +206,9 @@ def cmd_train(args) -> int:
                      **{k: v for k, v in overrides.items() if v is not None}}
     cfg = make_config(args.recipe, **overrides)
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    if "test_error" in summary:  # rank 0 (or the only process) reports
+    from .results import RunSummary
+
+    if isinstance(summary, RunSummary):  # rank 0 (or the only process) reports
         print(summary_markdown(summary))
         print(f"wrote {cfg.out}/summary.json, summary.md, model.pt, checkpoint.pt, metrics.jsonl")
         if args.compare:

@@ -126,7 +126,8 @@ def plot_pareto(result: dict, path: Path) -> Path | None:
     ax.set_ylabel("test error % (mean ± std over seeds)")
     ax.set_title(result["experiment"] + (" (quick)" if result["quick"] else ""))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from .errors import CheckpointError
-from .results import RunRow, Stat, TableRow, table_rows
+from .results import RunRow, RunSummary, Stat, TableRow, table_rows
 
 # the multiples of its own compression each final model is pruned further to (reproduce)
 CURVE_MULTIPLES = (1.5, 2, 3, 5, 8)
@@ -101,13 +101,7 @@ def export_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-# what summary_markdown reads from every run summary
-SUMMARY_KEYS = ("model", "dataset", "method", "epochs", "test_error", "val_error",
-                "compression_ratio", "nonzero_params", "total_params", "train_seconds",
-                "layers")
-
-
-def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
+def read_run(run_dir: str | Path) -> tuple[RunSummary, list[dict]]:
     d = Path(run_dir)
     try:
         summary = json.loads((d / "summary.json").read_text())
@@ -118,11 +112,10 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
         raise CheckpointError(f"{d}/summary.json is not valid JSON ({exc})") from None
     metrics = []
     mpath = d / "metrics.jsonl"
-    missing = ([k for k in SUMMARY_KEYS if k not in summary] if isinstance(summary, dict)
-               else list(SUMMARY_KEYS))
-    if missing:
-        raise CheckpointError(f"{d}/summary.json is not a run summary (no "
-                              f"{', '.join(missing[:3])}); train the run again")
+    try:
+        summary = RunSummary.from_dict(summary)
+    except ValueError as exc:
+        raise CheckpointError(f"{d}/summary.json: {exc}; train the run again") from None
     if mpath.exists():
         for line in mpath.read_text(errors="replace").splitlines():
             try:

@@ -32,7 +32,7 @@ from .checkpoint import CHECKPOINT, load_checkpoint, safe_load, write_text_atomi
 from .methods import method_class
 from .plots import plot_pareto
 from .report import CURVE_MULTIPLES, comparison_markdown, group_rows
-from .results import RunRow, to_json
+from .results import RunRow, RunSummary, to_json
 from .train import evaluate, train
 
 EXPERIMENTS = ("lenet300", "lenet5", "lenet5-fashion")
@@ -241,7 +241,7 @@ def run_weights(run_dir: Path) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def export_compact(cfg, state: dict[str, torch.Tensor], info, summary: dict) -> None:
+def export_compact(cfg, state: dict[str, torch.Tensor], info, summary: RunSummary) -> None:
     """Write the run's model as a compact export beside it (fp32 values: lossless), the
     form results/ commits (a 100x LeNet-300 is 18 KB where its model.pt is 1 MB)."""
     from .export import export
@@ -303,14 +303,14 @@ def _same_settings(cfg, saved: dict | None) -> bool:
     return bool(saved) and not differing_settings(cfg.to_dict(), saved)
 
 
-def _finished(cfg) -> dict | None:
+def _finished(cfg) -> RunSummary | None:
     """The summary of a finished run of exactly these settings in cfg.out, if there is one."""
     path = Path(cfg.out) / "summary.json"
     try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
+        summary = RunSummary.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError):  # absent, torn, or not a run summary: train it again
         return None
-    return summary if _same_settings(cfg, summary.get("config")) else None
+    return summary if _same_settings(cfg, summary.config) else None
 
 
 def _checkpoint_config(cfg) -> dict | None:

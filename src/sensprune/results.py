@@ -1,4 +1,5 @@
-"""Typed results between reproduce and report: one run of a comparison (``RunRow``), one row of
+"""Typed results: a finished run (``RunSummary``, summary.json's contract); between reproduce
+and report, one run of a comparison (``RunRow``), one row of
 its table over seeds (``TableRow``, with ``Stat`` for mean ± std). ``table.json`` holds them
 as plain JSON (``to_json``); ``from_json`` reads them back, also from tables written before a
 field existed (the table row a run belongs to is data, never parsed from its label, except
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -135,3 +137,64 @@ def table_rows(result: dict) -> tuple[list[RunRow], list[TableRow]]:
         order = list(dict.fromkeys(r.group for r in runs))
         return runs, [TableRow.of(g, [r for r in runs if r.group == g]) for g in order]
     return runs, [g if isinstance(g, TableRow) else TableRow.from_json(g) for g in groups]
+
+
+@dataclass
+class RunSummary(Mapping):
+    """What a finished run is: the contract of ``summary.json``, returned by ``train()`` and
+    read by ``report``, ``reproduce`` and the CLI. A read-only mapping too
+    (``summary["test_error"]``), so code written against the earlier dict keeps working.
+    ``from_dict`` checks the keys every reader needs; keys it does not know are kept in
+    ``extra`` and written back unchanged."""
+    model: str
+    dataset: str
+    method: str
+    epochs: int
+    test_error: float  # % on the test split
+    val_error: float  # % on the validation split
+    compression_ratio: float  # prunable weights / nonzero prunable weights
+    nonzero_params: int
+    total_params: int
+    train_seconds: float
+    layers: dict[str, dict]  # per prunable weight: total, nonzero, remaining_percent
+    remaining_per_layer: dict[str, float] = field(default_factory=dict)
+    all_params: int | None = None
+    thresholds: list = field(default_factory=list)
+    reference_val_error: float | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    model_sha256: str | None = None  # of model.pt, checked when it is read
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    REQUIRED = ("model", "dataset", "method", "epochs", "test_error", "val_error",
+                "compression_ratio", "nonzero_params", "total_params", "train_seconds", "layers")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "RunSummary":
+        """A summary read from JSON; a ValueError naming the missing keys if it is not one."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a run summary is a JSON object, not {type(d).__name__}")
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"not a run summary (no {', '.join(missing[:3])})")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in d.items() if k in names},
+                   extra={k: v for k, v in d.items() if k not in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name != "extra"}
+        if out["model_sha256"] is None:
+            del out["model_sha256"]
+        return {**out, **self.extra}
+
+    # the read-only mapping view (summary["test_error"], "config" in summary, dict(summary))
+    def __getitem__(self, key: str) -> Any:
+        d = self.to_dict()
+        return d[key]
+
+    def __iter__(self):
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())

@@ -34,6 +34,7 @@ from .schedule import finetune_lr, make_optimizer, make_scheduler, phase_of  # n
 from .checkpoint import (CHECKPOINT, restore_run, save_atomic, save_run, state_digest,
                          write_text_atomic)
 from .report import summary_markdown
+from .results import RunSummary
 from .rundir import claim, record as record_files
 
 
@@ -57,8 +58,11 @@ def _progress(iterable, total: int, enabled: bool, desc: str):
 
 
 def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None,
-          stop_after_epoch: int | None = None, log=print, overwrite: bool = False) -> dict:
-    """Run ``cfg`` to the end (or resume it) and return the summary dict.
+          stop_after_epoch: int | None = None, log=print,
+          overwrite: bool = False) -> RunSummary | dict:
+    """Run ``cfg`` to the end (or resume it) and return its :class:`RunSummary` (the contract
+    of summary.json). DDP ranks other than 0 get ``{"rank": r}``; a run stopped by
+    ``stop_after_epoch`` gets ``{"stopped_at_epoch": n}``.
 
     ``cfg.out`` is claimed first (rundir.claim): a directory holding another run is refused
     unless ``overwrite`` (or ``resume``, which must then find the same settings).
@@ -358,7 +362,8 @@ def _numel(pruner: Pruner) -> int:
     return sum(m.numel() for m in pruner.masks.values())
 
 
-def finish(cfg: TrainConfig, model: nn.Module, splits: Splits, state: dict, out: Path) -> dict:
+def finish(cfg: TrainConfig, model: nn.Module, splits: Splits, state: dict,
+           out: Path) -> RunSummary:
     """Final evaluation; writes model.pt, summary.json and summary.md."""
     val_err, _ = evaluate(model, splits.val)
     test_err, _ = evaluate(model, splits.test)
@@ -381,4 +386,4 @@ def finish(cfg: TrainConfig, model: nn.Module, splits: Splits, state: dict, out:
     write_text_atomic(json.dumps(summary, indent=2, allow_nan=False) + "\n", out / "summary.json")
     write_text_atomic(summary_markdown(summary), out / "summary.md")
     record_files(out, "model.pt", "summary.json", "summary.md")
-    return summary
+    return RunSummary.from_dict(summary)
