@@ -79,7 +79,8 @@ def main():
     # latency: the chosen file's weights three ways
     plain = sensprune.load(chosen["path"], kernels="dense", model=skeleton())
     engine = sensprune.load(chosen["path"], kernels="auto", model=skeleton())
-    csr_layers = sum(isinstance(m, sensprune.export.SparseLinear) for m in engine.modules())
+    from sensprune.export import SparseLinear
+    csr_layers = sum(isinstance(m, SparseLinear) for m in engine.modules())
     onnx_path = tmp / "minilm.onnx"
     eager = sensprune.load(chosen["path"], kernels="dense", model=skeleton("eager"))
     ids, mask = test[0][:32], test[1][:32]

@@ -150,14 +150,12 @@ def run(method: str, sparsity: float, seed: int, lam: float = 1e-2, epochs: int 
     mismatch = minilm_task.check_manifest(manifest)
     if mismatch:
         log(f"note: {mismatch}")
-    train_s, train_y = data["train"]
-    if subset:
-        train_s, train_y = train_s[:subset], train_y[:subset]
     splits = {}
-    for name, (s, y) in {"train": (train_s, train_y), "val": data["val"],
-                         "test": data["test"]}.items():
-        if subset and name != "train":
-            s, y = s[:subset // 2], y[:subset // 2]
+    for name, (s, y) in data.items():
+        if subset:  # a seeded draw over every class (the splits are ordered by class)
+            n = subset if name == "train" else subset // 2
+            pick = torch.randperm(len(s), generator=torch.Generator().manual_seed(0))[:n]
+            s, y = [s[i] for i in pick.tolist()], [y[i] for i in pick.tolist()]
         splits[name] = (*tokenize(s), torch.tensor(y))
     model = SentenceClassifier(load_encoder(), len(minilm_task.AREAS))
     reference = embeddings(load_encoder().eval(), *splits["test"][:2])
