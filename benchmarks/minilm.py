@@ -214,10 +214,14 @@ def plot(rows, path):
     dense = [r for r in rows if r["method"] == "dense"]
     if dense:
         ax.axhline(dense[0]["accuracy"][0], color="gray", ls="--", label="dense fine-tuned")
-    for m in sorted({r["method"] for r in rows if r["accuracy"] is not None} - {"dense"}):
-        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["sparsity"])
+    def series(r):  # a lambda probe is its own point, named with its lambda
+        return f"{r['method']} λ={r['lam']:g}" if "probe" in r["method"] else r["method"]
+    for m in sorted({series(r) for r in rows if r["accuracy"] is not None} - {"dense"}):
+        rs = sorted((r for r in rows if series(r) == m and r["accuracy"] is not None),
+                    key=lambda r: r["sparsity"])
         ax.errorbar([100 * r["sparsity"] for r in rs], [r["accuracy"][0] for r in rs],
-                    yerr=[r["accuracy"][1] for r in rs], marker="o", capsize=3, label=m)
+                    yerr=[r["accuracy"][1] for r in rs], marker="o" if len(rs) > 1 else "D",
+                    linestyle="-" if len(rs) > 1 else "none", capsize=3, label=m)
     ax.set_xlabel("encoder Linear weights pruned (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("all-MiniLM-L6-v2 on stdlib docstrings (7 classes)")
