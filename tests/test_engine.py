@@ -34,7 +34,8 @@ def _compacted(seed):
         yield net, chain, shape
 
 
-@pytest.mark.parametrize("prefer", [(), ("dense",), ("csr",), ("dense_t", "csr"), ("pool2",)])
+@pytest.mark.parametrize("prefer", [(), ("dense",), ("csr",), ("dense_t", "csr"), ("pool2",),
+                                    ("vector",)])
 @pytest.mark.parametrize("seed", range(3))
 def test_every_kernel_choice_gives_the_plain_outputs(seed, prefer):
     for net, chain, shape in _compacted(seed):
@@ -47,6 +48,33 @@ def test_every_kernel_choice_gives_the_plain_outputs(seed, prefer):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             assert got.is_contiguous() and got.shape == want.shape
             assert torch.equal(x, x_before)  # in-place kernels only touch the engine's tensors
+
+
+def test_the_vector_plan_runs_batch_one_where_every_layer_allows_it():
+    """Batch size 1 on one 1-D activation (addmv): chosen only for chains of Flatten, Select,
+    Linear and elementwise layers; the same outputs as the plain layers, shape (1, out)."""
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(36, 12), nn.ReLU(), nn.Linear(12, 8), nn.Tanh(),
+                        nn.Linear(8, 3))
+    with torch.no_grad():
+        mlp[1].weight.mul_(torch.rand(12, 36) < 0.3)
+        mlp[1].weight[:, :5] = 0  # unread inputs: a Select
+    chain, _ = compact_model(mlp.eval(), (1, 6, 6))
+    fast = InferenceChain(chain).plan((1, 6, 6), (1, 8), rounds=2, prefer=("vector",))
+    (_, steps), _ = fast.plans[torch.get_num_threads()]
+    assert [k for k, _ in steps] == ["to_vec", "select_vec", "dense_vec", "relu_", "dense_vec",
+                                     "module", "dense_vec", "from_vec"]
+    for x in (torch.randn(1, 1, 6, 6), torch.randn(1, 36)):
+        with torch.no_grad():
+            got = fast(x)
+        torch.testing.assert_close(got, mlp(x.reshape(1, 1, 6, 6)), rtol=1e-5, atol=1e-6)
+        assert got.shape == (1, 3)
+    # a Linear on the last axis of an image (no Flatten first) or a conv: no vector plan
+    for net, shape in [(nn.Sequential(nn.Linear(6, 4), nn.ReLU()), (2, 6)), _lenet_like()]:
+        fast = InferenceChain(net.eval()).plan(shape, (1,), rounds=2, prefer=("vector",))
+        assert "to_vec" not in [k for k, _ in fast.plans[torch.get_num_threads()][0][1]]
+        x = torch.randn(1, *shape)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
 
 
 def test_relu_on_the_callers_input_is_not_done_in_place():

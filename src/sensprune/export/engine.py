@@ -10,6 +10,10 @@ Kernels (all exact: the same sums as the plain layers, in another order):
   pool2      a 2x2 max pooling as two elementwise maxima of strided views (torch's CPU
              max_pool2d kernel is ~8x slower on one thread)
   module     the layer's own forward, for everything else
+  vector     at batch size 1, a chain of Flatten, Select, Linear and elementwise layers run
+             on one 1-D activation (``addmv``, ``index_select``): per call, torch's 2-D
+             matrix path costs more than the small products themselves (timed against the
+             layer-by-layer plan; the faster is kept)
 A layout change costs one transpose (numpy's, about twice as fast as torch's on the CPU).
 The timing (``interleaved_medians``) is shared with ``inference`` and the benchmarks.
 """
@@ -145,6 +149,22 @@ def _csr_fm(e, x):
     return y if e["bias_col"] is None else y.add_(e["bias_col"])
 
 
+def _to_vector(e, x):  # (1, ...) -> (n,)
+    return x.reshape(-1)
+
+
+def _from_vector(e, x):
+    return x.unsqueeze(0)
+
+
+def _select_vector(e, x):
+    return x.index_select(0, e["module"].index)
+
+
+def _dense_vector(e, x):
+    return torch.mv(e["weight"], x) if e["bias"] is None else torch.addmv(e["bias"], e["weight"], x)
+
+
 def _flatten(e, x):
     m = e["module"]
     return x.flatten(m.start_dim, m.end_dim)
@@ -157,7 +177,8 @@ def _pool2(e, x):
 STEPS = {"module": _module, "relu_": _relu_, "to_fm": _transpose, "to_rows": _transpose,
          "dense": _dense_rows, "dense_fm": _dense_fm, "dense_t": _dense_fm_to_rows,
          "select": _select_rows, "select_fm": _select_fm, "csr": _csr_fm, "pool2": _pool2,
-         "flatten": _flatten}
+         "flatten": _flatten, "to_vec": _to_vector, "from_vec": _from_vector,
+         "select_vec": _select_vector, "dense_vec": _dense_vector}
 
 
 class InferenceChain(nn.Sequential):
@@ -174,6 +195,7 @@ class InferenceChain(nn.Sequential):
         self.plans: dict[int, list[tuple[int, list[tuple[str, int]]]]] = {}
         self.kernel_report: dict[str, dict] = {}
         self.input_dim = -1
+        self._flat_input, self._input_numel = False, -1
         self._plan_args: tuple = ()
         self._entries: list[dict] = []
         self._compiled: dict = {}
@@ -241,8 +263,9 @@ class InferenceChain(nn.Sequential):
         activation that reaches it (interleaved rounds); a batch between two measured sizes
         uses the larger one's plan. This plans for torch's current thread count; another count
         is planned at its first call. The timings are kept in ``kernel_report`` (keys: layer
-        position @ batch size / threads). ``prefer`` (of 'dense', 'csr', 'pool2', 'dense_t'):
-        take the first of these kernels that applies, untimed (tests reach every kernel so)."""
+        position @ batch size / threads; 'chain@1' compares the vector plan with the layers').
+        ``prefer`` (of 'dense', 'csr', 'pool2', 'dense_t', 'vector'): take the first of these
+        kernels that applies, untimed (tests reach every kernel so)."""
         self.eval()
         self.plans, self.kernel_report = {}, {}
         self._plan_args = (tuple(input_shape), tuple(batch_sizes), rounds, tuple(prefer))
@@ -305,7 +328,42 @@ class InferenceChain(nn.Sequential):
             i += width
         if fm:
             steps.append(("to_rows", len(self) - 1))
+        vector = self._vector_steps() if b == 1 else None
+        if vector is not None and "vector" in prefer:
+            return vector
+        if vector is not None and not prefer:
+            x = torch.randn(b, *input_shape, dtype=self._dtype())
+            t = self._time({"layers": steps, "vector": vector}, x, rounds)
+            self.kernel_report[f"chain@{b}/{threads}t"] = {
+                "layer": "whole chain", "kernel": min(t, key=t.get),
+                "us": {k: v * 1e6 for k, v in t.items()}}
+            if t["vector"] < t["layers"]:
+                return vector
         return steps
+
+    def _vector_steps(self) -> list[tuple[str, int]] | None:
+        """The whole chain on one 1-D activation (batch size 1), where every layer allows it:
+        Flatten from dim 1, Select, Linear and elementwise layers; else None."""
+        steps, owned = [("to_vec", 0)], False
+        flat = len(self._plan_args[0]) == 1  # a Linear must see the whole sample as features
+        for i, m in enumerate(self):
+            if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:
+                flat = True
+                continue
+            if isinstance(m, (Select, nn.Linear)) and not flat:
+                return None
+            if isinstance(m, Select):
+                steps.append(("select_vec", i))
+            elif isinstance(m, nn.Linear):
+                steps.append(("dense_vec", i))
+            elif isinstance(m, nn.ReLU) and owned:
+                steps.append(("relu_", i))
+            elif isinstance(m, ELEMENTWISE):
+                steps.append(("module", i))
+            else:
+                return None
+            owned = owned or not isinstance(m, ELEMENTWISE)
+        return steps + [("from_vec", len(self) - 1)] if len(self) else None
 
     def _time(self, cands: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
         """Median seconds of each candidate; fewer rounds where one call is slow (about 50 ms
@@ -322,10 +380,12 @@ class InferenceChain(nn.Sequential):
         return next((p.dtype for p in self.parameters()), torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 2 and x.dim() != self.input_dim and getattr(self, "_flat_input", False)
-                and x.shape[1] == self._input_numel):
-            x = x.reshape(x.shape[0], *self._plan_args[0])  # (N, C*H*W): the planned layout
-        if (self.training or x.device.type != "cpu" or x.dim() != self.input_dim
+        ndim = x.dim()
+        # (N, C*H*W) input to a chain that begins by flattening runs the same steps: the
+        # Flatten is a no-op on it, so no reshape is needed
+        flat = (ndim == 2 and self._flat_input and ndim != self.input_dim
+                and x.shape[1] == self._input_numel)
+        if (self.training or not x.is_cpu or (ndim != self.input_dim and not flat)
                 or torch.jit.is_tracing() or torch.compiler.is_compiling()):
             return super().forward(x)  # tracers and compilers see the plain layers
         if torch.is_grad_enabled():  # gradients reach the weights only through the layers
