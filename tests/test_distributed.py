@@ -27,6 +27,29 @@ def train(out, nproc, *extra):
     return r
 
 
+THRESHOLD = 0.02  # ARGS' --threshold
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    """One process and two give the same weights up to float summation order. Two ranks sum
+    a batch's gradient in halves, so a weight that lands within about 1e-6 of the threshold
+    can be pruned in one run and kept in the other (seen with AVX2 kernels: 4 of 266,200
+    weights). Such a flip must be marginal (the kept value within 1e-3 of the threshold) and
+    rare; without flips the weights agree to 1e-5, with them (the runs fork slightly) to
+    1e-3."""
+    flips = 0
+    for k in a:
+        if k.endswith("weight"):
+            flip = (a[k] == 0) != (b[k] == 0)
+            kept = torch.where(a[k] == 0, b[k], a[k])[flip].abs()
+            assert (kept < THRESHOLD + 1e-3).all(), (k, kept.max())  # marginal decisions only
+            flips += int(flip.sum())
+    assert flips <= 1e-4 * sum(v.numel() for v in a.values()), flips
+    for k in a:
+        both = (a[k] != 0) & (b[k] != 0)
+        assert (a[k] - b[k])[both].abs().max() <= (1e-5 if flips == 0 else 1e-3), k
+
+
 @pytest.mark.parametrize("reduction", ["sample", "batch"])
 def test_two_gloo_processes_equal_one(tmp_path, reduction):
     train(tmp_path / "one", 1, "--reduction", reduction)
@@ -34,10 +57,7 @@ def test_two_gloo_processes_equal_one(tmp_path, reduction):
     assert r.stdout.count("epoch   2/2") == 1  # only rank 0 reports
     a = torch.load(tmp_path / "one" / "model.pt")
     b = torch.load(tmp_path / "two" / "model.pt")
-    for k in a:
-        assert (a[k] - b[k]).abs().max() <= 1e-5, k
-        if k.endswith("weight"):
-            assert torch.equal(a[k] == 0, b[k] == 0), k  # identical pruning decisions
+    assert_same_training(a, b)
     assert any((a[k] == 0).any() for k in a)  # the threshold pruned something
 
 
@@ -48,7 +68,7 @@ def test_resume_under_ddp(tmp_path):
     assert "resumed" in r.stdout
     a = torch.load(tmp_path / "one" / "model.pt")
     b = torch.load(tmp_path / "two" / "model.pt")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert_same_training(a, b)
 
 
 def _run(out, *extra, timeout=180):

@@ -155,15 +155,33 @@ def test_sparse_linear_kernels_agree():
     ref = x[:, idx] @ w[:, :5].t() + b
     torch.testing.assert_close(sel.sparse_forward(x), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sel.dense_forward(x), ref, atol=1e-5, rtol=1e-5)
-    # 'auto' keeps a plain nn.Linear unless CSR was measured faster at batch 1 or 64
+    # 'auto' keeps a plain nn.Linear unless CSR was measured faster at 1, 64 or 1,024 rows
     lin = torch.nn.Linear(80, 50)
     with torch.no_grad():
         lin.weight.mul_(torch.rand(50, 80) < 0.05)
     m = to_sparse_inference(torch.nn.Sequential(lin), kernels="auto")
     faster = [v["sparse"] for v in m.kernel_report.values()]
-    assert len(faster) == 2
+    assert len(faster) == 3
     assert isinstance(m[0], SparseLinear) == any(faster)
     assert type(to_sparse_inference(torch.nn.Sequential(lin), "dense")[0]) is torch.nn.Linear
+
+
+def test_sparse_linear_chooses_by_rows_not_by_the_first_dimension(monkeypatch):
+    """A transformer's (batch, sequence, features) input is batch x sequence rows: 2 sentences
+    of 40 tokens take the kernel chosen for 80 rows, not the one for batch size 2."""
+    w = torch.randn(30, 16) * (torch.rand(30, 16) < 0.1)
+    sl = SparseLinear(w, None)
+    sl.use_sparse = [(64, True), (1 << 30, False)]  # CSR up to 64 rows, dense above
+    calls = []
+    for kind in ("sparse_forward", "dense_forward"):
+        real = getattr(sl, kind)
+        monkeypatch.setattr(sl, kind, lambda x, real=real, kind=kind: calls.append(kind)
+                            or real(x))
+    for shape, kernel in [((2, 40, 16), "dense_forward"), ((2, 30, 16), "sparse_forward"),
+                          ((100, 16), "dense_forward"), ((16,), "sparse_forward")]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(sl(x), x @ w.t(), atol=1e-5, rtol=1e-5)
+        assert calls.pop() == kernel, shape
 
 
 def _rewrite_header(f, edit):

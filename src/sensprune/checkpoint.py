@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -51,23 +51,31 @@ def state_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over ``path``:
-    a crash leaves either the old file or the new one, never a torn one. A failed write (disk
-    full, a file-size limit, the directory gone) removes its temporary file, keeps the old
-    file and says so in one line."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to: renamed over ``path`` when the block ends,
+    removed when it raises (anything, Ctrl-C included). A crash leaves the old file or the new
+    one, never a torn one, and no temporary file once the block is left."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over ``path``.
+    A failed write (disk full, a file-size limit, the directory gone) keeps the old file and
+    says so in one line."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except KeyboardInterrupt:
-        tmp.unlink(missing_ok=True)
-        raise
     except (OSError, RuntimeError) as exc:  # torch wraps ENOSPC/EFBIG in a RuntimeError
-        tmp.unlink(missing_ok=True)
         if "KeyboardInterrupt" in str(exc):  # Ctrl-C inside torch's writer: an interrupt
             raise KeyboardInterrupt from None
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:80]
@@ -77,14 +85,10 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise CheckpointError(f"cannot write {path} ({exc.strerror}); free space (or fix the "
                               "directory) and run again") from None
 

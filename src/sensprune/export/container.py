@@ -6,7 +6,6 @@ sizes against the file before allocating anything, then the digest, and decodes 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import lzma
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import atomic_path
 from ..errors import CheckpointError, ConfigError
 from .encodings import LZMA_FILTERS as _LZMA_FILTERS
 from .encodings import (VALUE_FORMATS, _decode_tensor, _encode_tensor, decode_index,
@@ -94,20 +94,17 @@ def export(state_dict: dict[str, torch.Tensor], path: str | Path, arch: dict[str
             format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS), dtype=np.uint8)}
     header["sha256_all"] = _digest(arrays, header)
     path = _check_output(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     text = json.dumps(header, separators=(",", ":"))
     if compress == "lzma":  # the header too (JSON inside JSON escapes every quote)
         text = "lzma:" + base64.b85encode(lzma.compress(
             text.encode(), format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)).decode()
     try:
-        save_file(stored, str(tmp), metadata={"sensprune": text})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an export is meant to be shared
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(stored, str(tmp), metadata={"sensprune": text})
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an export is shared
     except Exception as exc:  # a read-only folder, a full disk, a file-size limit
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         why = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:120]
         raise CheckpointError(f"cannot write {path} ({why}); nothing was written there (an "
                               "older file of that name is kept); fix the folder or free space "

@@ -4,6 +4,7 @@ dense kernel, whichever is faster here, and the latency benchmark behind `bench-
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ from .engine import (CSR_MAX_DENSITY, InferenceChain, csr_arrays, csr_matmul, fe
 class SparseLinear(nn.Module):
     """A Linear layer that runs a CSR kernel, the dense kernel, or picks per batch size.
 
-    ``use_sparse`` maps a batch-size bound to the choice: the first bound >= the batch size
+    ``use_sparse`` maps a bound on the rows to the choice: the first bound >= the number of
+    rows the layer multiplies (every leading dimension: batch x sequence for a transformer)
     decides (measured once by :func:`choose_kernels`, or fixed by density). ``index``: the
     layer reads only these input features (a compacted chain's ``Select`` in front of it):
     the dense kernel selects them first, the CSR kernel reads them in place (its columns are
@@ -54,9 +56,9 @@ class SparseLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x):
-        b = x.shape[0] if x.dim() > 1 else 1
+        rows = x.numel() // max(x.shape[-1], 1) if x.dim() > 1 else 1
         for bound, sparse in self.use_sparse:
-            if b <= bound:
+            if rows <= bound:
                 return self.sparse_forward(x) if sparse else self.dense_forward(x)
         return self.dense_forward(x)
 
@@ -66,17 +68,25 @@ class SparseLinear(nn.Module):
                 f"sparse={self.use_sparse}")
 
 
-def choose_kernels(model: nn.Module, batch_sizes=(1, 64), rounds: int = 15) -> dict:
-    """Time dense vs CSR for each SparseLinear at each batch size (interleaved rounds) and keep
-    the faster; a batch size between two measured ones uses the choice of the larger one."""
+def choose_kernels(model: nn.Module, batch_sizes=(1, 64, 1024), rounds: int = 15) -> dict:
+    """Time dense vs CSR for each SparseLinear at each number of rows (interleaved rounds) and
+    keep the faster; a row count between two measured ones uses the choice of the larger one.
+    Fewer rounds where one call is slow (about 50 ms of timing per candidate, 3 rounds at
+    least), so a large layer at 1,024 rows costs a fraction of a second to plan."""
     sizes = sorted(batch_sizes)
     report = {}
     for name, m in model.named_modules():
         if isinstance(m, SparseLinear):
             choice = []
             for b in sizes:
-                x = torch.randn(b, m.in_features)
-                t = interleaved_medians({"dense": m.dense_forward, "sparse": m.sparse_forward}, x, rounds)
+                x = torch.randn(b, m.in_features, dtype=m.weight.dtype)
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    m.dense_forward(x)
+                    once = time.perf_counter() - t0
+                n = max(3, min(rounds, int(0.05 / max(once, 1e-9))))
+                t = interleaved_medians({"dense": m.dense_forward, "sparse": m.sparse_forward},
+                                        x, n, inner=1 if once > 1e-3 else 10)
                 choice.append(t["sparse"] < t["dense"])
                 report[f"{name}@{b}"] = {"dense_s": t["dense"], "sparse_s": t["sparse"],
                                          "sparse": t["sparse"] < t["dense"],
@@ -143,8 +153,8 @@ def _sparse_layers(model: nn.Module) -> list[tuple[nn.Module, str, SparseLinear,
 
 def to_sparse_inference(model: nn.Module, kernels: str = "auto") -> nn.Module:
     """The model for inference (eval mode), with a CSR kernel for the Linear layers where it
-    pays: ``kernels`` = 'auto' (timed per layer at batch 1 and 64: a layer stays a plain
-    nn.Linear unless CSR is faster at one of them; the timings are kept in
+    pays: ``kernels`` = 'auto' (timed per layer at 1, 64 and 1,024 rows: a layer stays a
+    plain nn.Linear unless CSR is faster at one of them; the timings are kept in
     ``model.kernel_report``), 'density' (CSR below 30 % density), 'sparse' (CSR everywhere)
     or 'dense' (the model unchanged: plain layers, for torch.jit.script, torch.compile, ONNX)."""
     model.eval()
@@ -176,8 +186,8 @@ def load(path: str | Path, kernels: str = "auto", model: nn.Module | None = None
     smaller plain layers: with ``kernels='auto'`` an :class:`~.engine.InferenceChain`, which
     runs each layer on the kernel measured fastest at batch 1 and 64 (the choices in
     ``model.kernel_report``); with 'dense' a plain ``nn.Sequential`` (for ``torch.jit.script``,
-    ``torch.compile`` and ONNX). Any other export: 'auto' puts a Linear layer on CSR where that
-    is measured faster, 'density' below 30 % density, 'sparse' everywhere, 'dense' nowhere.
+    ``torch.compile`` and ONNX). Any other export: 'auto' puts a Linear layer on CSR at the row
+    counts (batch x sequence) where that is measured faster, 'density' below 30 % density, 'sparse' everywhere, 'dense' nowhere.
     ``model``: for an export of your own architecture, an instance of it to fill (the bundled
     ones are rebuilt from the file's header).
     """

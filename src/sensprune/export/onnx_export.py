@@ -3,14 +3,13 @@ packages: pip install 'sensprune[onnx]')."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ..checkpoint import atomic_path
 from ..errors import ConfigError
 
 
@@ -23,22 +22,15 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
                           "'sensprune[onnx]' (onnx, onnxruntime)") from None
     x = torch.randn(2, *input_shape)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # a fault leaves no torn file
     try:
-        torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"},
-                                                                 "logits": {0: "batch"}},
-                          dynamo=False)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # a fault leaves no torn file
+            torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"},
+                                                                     "logits": {0: "batch"}},
+                              dynamo=False)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise ConfigError(f"cannot write {path} ({exc.strerror or exc}); nothing was written "
                           "there; fix the folder or free space and export again") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     return path
 
 
