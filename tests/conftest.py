@@ -1,4 +1,5 @@
-import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,18 @@ def quick_lenet300(tmp_path_factory):
 # one row of each method of the canonical LeNet-300 recipe (quick mode: seconds each)
 QUICK_ROWS = ["dense", "sensitivity-100x", "sensitivity-auto", "l2-50x", "l1-auto",
               "gmp-layer-100x", "magnitude", "sparse_vd"]
+
+
+# a quick LeNet-300 training run from the CLI (seconds), shared by the safety and reliability
+# tests; read-only: a test that changes files works on a copy
+QUICK_TRAIN = ["--model", "lenet300", "--limit-train", "300", "--val-size", "100", "--epochs",
+               "2", "--warmup-epochs", "1", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    r = subprocess.run([sys.executable, "-m", "sensprune", "train", *QUICK_TRAIN, "--out",
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out

@@ -17,8 +17,7 @@ from sensprune import Pruner, SensitivityRegularizer
 from sensprune.checkpoint import save_atomic
 from sensprune.errors import ConfigError
 
-QUICK = ["--model", "lenet300", "--limit-train", "300", "--val-size", "100", "--epochs", "2",
-         "--warmup-epochs", "1", "--threads", "1", "--no-progress"]
+from conftest import QUICK_TRAIN as QUICK
 
 
 def _cli(*args, preexec_fn=None, stdout=subprocess.PIPE):
@@ -39,14 +38,6 @@ def _digests(folder):
             for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "r"
-    r = _cli("train", *QUICK, "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
-
-
 # -- 2. no output option names what the command reads or a run's own files ------------------
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", [
@@ -59,44 +50,44 @@ def run_dir(tmp_path_factory):
     lambda run, tmp: ("inspect", run / "model.pt", "--json", run / "model.pt", "--images", "20"),
 ], ids=["export-o-checkpoint", "export-o-summary", "export-json-is-o", "export-onnx-is-o",
         "inspect-png-model", "inspect-json-summary", "inspect-json-is-input"])
-def test_outputs_that_would_replace_what_the_user_needs_are_refused(run_dir, tmp_path, case):
-    before = _digests(run_dir)
-    r = _cli(*case(run_dir, tmp_path))
+def test_outputs_that_would_replace_what_the_user_needs_are_refused(finished_run, tmp_path, case):
+    before = _digests(finished_run)
+    r = _cli(*case(finished_run, tmp_path))
     _one_line(r, 2, "error: -")
-    assert _digests(run_dir) == before  # nothing of the run changed
+    assert _digests(finished_run) == before  # nothing of the run changed
     assert not (tmp_path / "m.safetensors").exists()
 
 
 @pytest.mark.e2e
-def test_export_into_a_read_only_folder_or_past_a_file_size_limit_is_one_line(run_dir, tmp_path):
+def test_export_into_a_read_only_folder_or_past_a_file_size_limit_is_one_line(finished_run, tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only folders")  # the file-size case below still runs
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    _one_line(_cli("export", run_dir, "-o", ro / "m.safetensors"), 2, "cannot write")
+    _one_line(_cli("export", finished_run, "-o", ro / "m.safetensors"), 2, "cannot write")
 
 
 @pytest.mark.e2e
-def test_export_under_a_file_size_limit_leaves_no_torn_file(run_dir, tmp_path):
+def test_export_under_a_file_size_limit_leaves_no_torn_file(finished_run, tmp_path):
     old = tmp_path / "m.safetensors"
     old.write_bytes(b"the user's older export")
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
-    r = _cli("export", run_dir, "-o", old, preexec_fn=limit)
+    r = _cli("export", finished_run, "-o", old, preexec_fn=limit)
     _one_line(r, 2, "cannot write")
     assert old.read_bytes() == b"the user's older export"
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp left
 
 
 @pytest.mark.e2e
-def test_onnx_under_a_file_size_limit_is_not_written_in_place(run_dir, tmp_path):
+def test_onnx_under_a_file_size_limit_is_not_written_in_place(finished_run, tmp_path):
     pytest.importorskip("onnx")
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # the export fits
-    r = _cli("export", run_dir, "-o", tmp_path / "m.safetensors", "--onnx",
+    r = _cli("export", finished_run, "-o", tmp_path / "m.safetensors", "--onnx",
              tmp_path / "m.onnx", preexec_fn=limit)
     _one_line(r, 2, "cannot write")
     assert not (tmp_path / "m.onnx").exists()
@@ -135,16 +126,16 @@ def test_malformed_recipes_give_a_bounded_line(tmp_path):
 
 
 @pytest.mark.e2e
-def test_report_on_an_empty_summary_object_is_one_line(run_dir, tmp_path):
+def test_report_on_an_empty_summary_object_is_one_line(finished_run, tmp_path):
     rep = tmp_path / "rep"
-    shutil.copytree(run_dir, rep)
+    shutil.copytree(finished_run, rep)
     (rep / "summary.json").write_text("{}")
     _one_line(_cli("report", rep), 2, "summary.json")
 
 
 @pytest.mark.e2e
-def test_a_closed_stdout_is_quiet(run_dir):
-    p = subprocess.Popen([sys.executable, "-m", "sensprune", "evaluate", str(run_dir)],
+def test_a_closed_stdout_is_quiet(finished_run):
+    p = subprocess.Popen([sys.executable, "-m", "sensprune", "evaluate", str(finished_run)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.close()  # the reader leaves at once, as `| head -0` would
     err = p.stderr.read().decode()
@@ -206,9 +197,9 @@ def test_resume_does_not_need_the_init_from_folder_it_never_reads(tmp_path):
 
 
 @pytest.mark.e2e
-def test_overwrite_of_a_copied_run_says_that_copying_is_why(run_dir, tmp_path):
+def test_overwrite_of_a_copied_run_says_that_copying_is_why(finished_run, tmp_path):
     copy = tmp_path / "copy"
-    shutil.copytree(run_dir, copy, copy_function=shutil.copy)  # like cp -r: new mtimes
+    shutil.copytree(finished_run, copy, copy_function=shutil.copy)  # like cp -r: new mtimes
     r = _cli("train", *QUICK, "--out", copy, "--overwrite")
     _one_line(r, 2, "looks copied")
 

@@ -4,7 +4,6 @@ Each test builds the hostile or damaged input itself and checks the observable o
 
 import errno
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -19,23 +18,14 @@ from hypothesis import strategies as st
 import sensprune.train  # noqa: F401  (the module, for monkeypatching its train())
 from sensprune import Pruner, SensitivityRegularizer
 from sensprune.checkpoint import load_checkpoint, load_run_model, save_atomic
-from sensprune.errors import CheckpointError, ConfigError, DataError, SensPruneError
+from sensprune.errors import CheckpointError, ConfigError, DataError
 
-QUICK = ["--model", "lenet300", "--limit-train", "300", "--val-size", "100", "--epochs", "2",
-         "--warmup-epochs", "1", "--threads", "1", "--no-progress"]
+from conftest import QUICK_TRAIN as QUICK
 
 
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "sensprune", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "r"
-    r = _cli("train", *QUICK, "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 class _Payload:

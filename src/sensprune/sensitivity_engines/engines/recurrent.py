@@ -138,17 +138,27 @@ def _zero_probe(like):
     return torch.zeros(like.shape, dtype=like.dtype, device=like.device, requires_grad=True)
 
 
+def _batch_first_input(mod: nn.RNNBase, x: torch.Tensor, hx, detached: bool):
+    """(x as (B, T, I), hx); ``detached``: detached copies in the weights' dtype (the recorded
+    forward may have run under autocast). hx: None, a tensor (GRU) or a pair (LSTM)."""
+    if detached:
+        dtype = mod.weight_ih_l0.dtype
+        x = x.detach().to(dtype)
+        if isinstance(hx, tuple):
+            hx = tuple(h.detach().to(dtype) for h in hx)
+        elif hx is not None:
+            hx = hx.detach().to(dtype)
+    if not mod.batch_first:
+        x = x.transpose(0, 1)
+    return x, hx
+
+
 def _lstm_unrolled(mod: nn.LSTM, x: torch.Tensor, hx=None, detached: bool = False):
     """nn.LSTM's forward written out step by step (gate order i, f, g, o, as PyTorch's), with
     a zero probe (B, T, 4H) added to the gate pre-activations of each layer. Returns the
     outputs (output, h_n, c_n) and per layer (index, layer input (B, T, I), previous hidden
     states (B, T, H), probe). ``detached``: on detached copies of x, hx and the weights."""
-    if detached:  # in the weights' dtype (the recorded forward may have run under autocast)
-        dtype = mod.weight_ih_l0.dtype
-        x = x.detach().to(dtype)
-        hx = None if hx is None else tuple(h.detach().to(dtype) for h in hx)
-    if not mod.batch_first:
-        x = x.transpose(0, 1)
+    x, hx = _batch_first_input(mod, x, hx, detached)
     b, t_len, _ = x.shape
     h_size, layers = mod.hidden_size, mod.num_layers
     if hx is None:
@@ -191,12 +201,7 @@ def _gru_unrolled(mod: nn.GRU, x: torch.Tensor, hx=None, detached: bool = False)
     input part (B, T, 3H) and on each step's hidden part (B, T, 3H) of the gates. Returns
     the outputs (output, h_n) and per layer (index, layer input, previous hidden states,
     input probe, hidden probe)."""
-    if detached:  # in the weights' dtype (the recorded forward may have run under autocast)
-        dtype = mod.weight_ih_l0.dtype
-        x = x.detach().to(dtype)
-        hx = None if hx is None else hx.detach().to(dtype)
-    if not mod.batch_first:
-        x = x.transpose(0, 1)
+    x, hx = _batch_first_input(mod, x, hx, detached)
     b, t_len, _ = x.shape
     h_size, layers = mod.hidden_size, mod.num_layers
     if hx is None:
