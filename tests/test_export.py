@@ -276,3 +276,23 @@ def test_export_file_mode_follows_the_umask(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (f.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_kernel_report_names_each_layer_by_its_path():
+    """Layers of the same name in different blocks (a transformer's 'query' in every layer)
+    each get their own entry."""
+    def block():
+        lin = torch.nn.Linear(20, 20)
+        with torch.no_grad():
+            lin.weight.mul_(torch.rand(20, 20) < 0.1)
+        return torch.nn.Sequential(lin)
+    m = to_sparse_inference(torch.nn.Sequential(block(), block()), kernels="auto")
+    assert {k.split("@")[0] for k in m.kernel_report} == {"0.0", "1.0"}
+    x = torch.randn(3, 20)
+    plain = torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.Linear(20, 20)) for _ in "ab"))
+    for i in (0, 1):
+        w = m[i][0].weight
+        plain[i][0].weight.data.copy_(w)
+        plain[i][0].bias.data.copy_(m[i][0].bias)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), plain(x), atol=1e-5, rtol=1e-5)

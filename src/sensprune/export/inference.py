@@ -131,12 +131,12 @@ def build_from_export(header: dict, state: dict[str, torch.Tensor],
 
 
 def _sparse_layers(model: nn.Module) -> list[tuple[nn.Module, str, SparseLinear, str | None]]:
-    """Every nn.Linear as a SparseLinear candidate: (parent, child name, candidate, name of a
-    Select in front of it that the candidate absorbs, or None)."""
+    """Every nn.Linear as a SparseLinear candidate: (parent, child's qualified name,
+    candidate, name of a Select in front of it that the candidate absorbs, or None)."""
     from .compaction import Select
 
     found = []
-    for parent in list(model.modules()):
+    for prefix, parent in list(model.named_modules()):
         children = list(parent.named_children())
         for i, (child_name, child) in enumerate(children):
             if type(child) is not nn.Linear:
@@ -147,7 +147,8 @@ def _sparse_layers(model: nn.Module) -> list[tuple[nn.Module, str, SparseLinear,
             cand = SparseLinear(child.weight.detach(), bias,
                                 index=None if sel is None else sel[1].index,
                                 in_size=None if sel is None else sel[1].in_size)
-            found.append((parent, child_name, cand, None if sel is None else sel[0]))
+            found.append((parent, f"{prefix}.{child_name}" if prefix else child_name, cand,
+                          None if sel is None else sel[0]))
     return found
 
 
@@ -161,15 +162,15 @@ def to_sparse_inference(model: nn.Module, kernels: str = "auto") -> nn.Module:
     if kernels == "dense":
         return model
     report = {}
-    for parent, child_name, cand, sel_name in _sparse_layers(model):
+    for parent, name, cand, sel_name in _sparse_layers(model):
         if kernels == "sparse":
             cand.use_sparse = [(1 << 30, True)]
         elif kernels == "auto":
-            report.update({f"{child_name}@{k.split('@')[1]}": v
+            report.update({f"{name}@{k.split('@')[1]}": v
                            for k, v in choose_kernels(cand).items()})
         if not any(sparse for _, sparse in cand.use_sparse):
             continue  # the dense kernel everywhere: keep the plain layer (and its Select)
-        setattr(parent, child_name, cand)
+        setattr(parent, name.rsplit(".", 1)[-1], cand)
         if sel_name is not None:  # the CSR kernel reads the selected inputs in place
             setattr(parent, sel_name, nn.Identity())
     model.kernel_report = report
