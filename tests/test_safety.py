@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -69,8 +70,15 @@ def test_a_cifar_batch_carrying_a_payload_is_refused(tmp_path):
     marker = tmp_path / "PWNED"
     batch = tmp_path / "data_batch_1"
     batch.write_bytes(pickle.dumps({b"data": _Payload(marker), b"labels": [0]}))
-    with pytest.raises(DataError, match="not allowed"):
+    with pytest.raises(DataError, match="not a CIFAR-10 python batch"):
         _read_cifar_batch(batch)
+    assert not marker.exists()
+    # a valid batch with a payload riding along: read (its opcodes are only walked), and the
+    # payload never runs
+    blob = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [4], b"x": _Payload(marker)}
+    batch.write_bytes(pickle.dumps(blob))
+    data, labels = _read_cifar_batch(batch)
+    assert labels.tolist() == [4] and data.shape == (1, 3, 32, 32)
     assert not marker.exists()
 
 

@@ -13,16 +13,31 @@ from sensprune.errors import DataError
 from sensprune.vision_data import crop_flip
 
 
-def write_cifar(root, per_batch=20, seed=0):
+def write_cifar(root, per_batch=20, seed=0, protocol=4):
     d = root / "cifar10" / "cifar-10-batches-py"
     d.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        blob = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                b"labels": rng.integers(0, 10, per_batch).tolist(), b"batch_label": name.encode()}
+        blob = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, per_batch).tolist(),
+                b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)]}
         with open(d / name, "wb") as f:
-            pickle.dump(blob, f)
+            pickle.dump(blob, f, protocol=protocol)
     return root
+
+
+def _py2_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch as Python 2's cPickle wrote the published files (protocol 2, str keys, the
+    array's buffer a BINSTRING inside numpy's _reconstruct/BUILD), assembled opcode by opcode."""
+    import struct
+    raw = data.tobytes()
+    array = (b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02K\x00\x85"
+             b"U\x01b\x87Rq\x03(K\x01" + b"M" + struct.pack("<H", data.shape[0]) + b"M\x00\x0c\x86"
+             b"cnumpy\ndtype\nq\x04U\x02u1K\x00K\x01\x87Rq\x05(K\x03U\x01|NNNJ\xff\xff\xff\xff"
+             b"J\xff\xff\xff\xffK\x00tb\x89T" + struct.pack("<I", len(raw)) + raw + b"tb")
+    label_ops = b"]q\x06(" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return (b"\x80\x02}q\x00(U\x04dataq\x07" + array + b"U\x06labelsq\x08" + label_ops
+            + b"U\x0bbatch_labelq\tU\x0btest batch u.")
 
 
 def write_imagefolder(root, classes=("ant", "bee", "cat"), n_train=4, n_val=2):
@@ -54,6 +69,34 @@ def test_cifar_pickles_load_and_augment(tmp_path):
     out = crop_flip(x, torch.Generator().manual_seed(0))
     # every output row is a (possibly flipped) shifted window of the zero-padded input
     assert out.shape == x.shape and set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar_batches_are_read_exactly_without_unpickling(tmp_path, protocol, monkeypatch):
+    """Every pickle protocol's batch gives the written pixels and labels; pickle's loaders are
+    never called (they are replaced by a function that fails)."""
+    from sensprune.vision_data import _read_cifar_batch
+    write_cifar(tmp_path, per_batch=7, seed=protocol, protocol=protocol)
+    path = tmp_path / "cifar10/cifar-10-batches-py/test_batch"
+    want = pickle.load(open(path, "rb"), encoding="bytes")
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, lambda *a, **k: pytest.fail("unpickled"))
+    data, labels = _read_cifar_batch(path)
+    assert np.array_equal(data, want[b"data"].reshape(-1, 3, 32, 32))
+    assert labels.tolist() == want[b"labels"]
+
+
+def test_a_python2_cifar_batch_is_read(tmp_path):
+    from sensprune.vision_data import _read_cifar_batch
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, (5, 3072), dtype=np.uint8)
+    labels = [3, 9, 0, 1, 7]
+    raw = _py2_batch(data, labels)
+    decoded = pickle.loads(raw, encoding="bytes")  # the reference: what unpickling would give
+    assert np.array_equal(decoded[b"data"], data) and decoded[b"labels"] == labels
+    (tmp_path / "test_batch").write_bytes(raw)
+    got, got_labels = _read_cifar_batch(tmp_path / "test_batch")
+    assert np.array_equal(got, data.reshape(-1, 3, 32, 32)) and got_labels.tolist() == labels
 
 
 def test_cifar_errors(tmp_path):

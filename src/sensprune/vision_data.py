@@ -1,4 +1,5 @@
-"""CIFAR-10 (the standard python-pickle batches) and ImageNet (ImageFolder layout).
+"""CIFAR-10 (the standard python batches, read from their pickle opcodes without unpickling)
+and ImageNet (ImageFolder layout).
 
 CIFAR-10 is read into memory (150 MB) and augmented per batch (4-pixel padded random crop and
 horizontal flip). ImageNet is a lazily decoded ``Dataset`` over ``<dir>/train/<class>/*`` and
@@ -10,7 +11,6 @@ and through a small PIL implementation of the same transforms otherwise.
 from __future__ import annotations
 
 import math
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -33,37 +33,69 @@ def _cifar_dir(root: Path) -> Path:
                     "cifar-10-batches-py/ (data_batch_1..5, test_batch)")
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """The CIFAR-10 python batches are pickles: a dict of bytes, lists and one uint8 array.
-    Only the globals that rebuild a numpy array are admitted; any other (the way a pickle runs
-    code) is refused, so a planted data_batch file cannot execute anything."""
+_CIFAR_MAX_BYTES = 64 << 20  # a CIFAR-10 python batch is about 31 MB
+_INT_OPS = {"BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1", "LONG4"}
+# bookkeeping between a key and its list (memo, framing; protocol 2 from Python 3 spells a
+# bytes key as _codecs.encode(str, 'latin1'): a tuple and a call), and inside the list
+_MEMO_OPS = {"BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE", "FRAME", "BINGET", "LONG_BINGET", "GET"}
+_BEFORE_LIST_OPS = _MEMO_OPS | {"TUPLE2", "REDUCE", "GLOBAL", "STACK_GLOBAL"}
+_IN_LIST_OPS = _MEMO_OPS | {"MARK", "APPEND", "APPENDS"}
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
 
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-        return super().find_class(module, name)
+def _cifar_arrays(raw: bytes) -> tuple[bytes, list[int]]:
+    """The image bytes and the label list of a CIFAR-10 python batch, read from its pickle
+    opcodes (``pickletools.genops``) without unpickling it: nothing in the file is called or
+    built. The images are the longest byte string (the uint8 array's buffer), the labels the
+    integers of the list that follows the key 'labels'."""
+    import io
+    import pickletools
+
+    blob, labels, state = b"", [], "none"  # state: none, key (labels seen), list (inside it)
+    for op, arg, _ in pickletools.genops(io.BytesIO(raw)):
+        name = op.name
+        if state == "key":
+            if name in ("EMPTY_LIST", "LIST"):
+                state = "list"
+                continue
+            if name in _BEFORE_LIST_OPS or arg == "latin1":
+                continue
+            state = "none"
+        elif state == "list":
+            if name in _INT_OPS:
+                labels.append(int(arg))
+                continue
+            if name in _IN_LIST_OPS:
+                continue
+            state = "none"
+        if isinstance(arg, (str, bytes, bytearray)):
+            if arg in ("labels", b"labels"):
+                state, labels = "key", []
+            elif len(arg) > len(blob):  # a py2 str (BINSTRING) or py3 bytes: the array's buffer
+                blob = arg.encode("latin-1", "replace") if isinstance(arg, str) else bytes(arg)
+    return blob, labels
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, "rb") as f:
-            d = _CifarUnpickler(f, encoding="bytes").load()
-        data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(d[b"labels"], dtype=np.int64)
+        size = path.stat().st_size
+        if size > _CIFAR_MAX_BYTES:
+            raise DataError(f"{path}: {size} bytes, larger than a CIFAR-10 batch (about 31 MB); "
+                            "re-download cifar-10-python.tar.gz")
+        blob, labels = _cifar_arrays(path.read_bytes())
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; the CIFAR-10 folder is incomplete") from None
-    except pickle.UnpicklingError as exc:
-        raise DataError(f"{path}: not a CIFAR-10 python batch, refused ({exc}); "
-                        "re-download cifar-10-python.tar.gz") from None
-    except Exception as exc:
+    except DataError:
+        raise
+    except Exception as exc:  # not a pickle stream, truncated, an unknown opcode
         raise DataError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}); "
                         "re-download cifar-10-python.tar.gz") from None
-    if len(data) != len(labels):
-        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+    if not labels or len(blob) != len(labels) * 3072:
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({len(labels)} labels, "
+                        f"{len(blob)} image bytes, want 3072 per label); re-download "
+                        "cifar-10-python.tar.gz")
+    data = np.frombuffer(blob, dtype=np.uint8).reshape(-1, 3, 32, 32).copy()
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.min() < 0 or labels.max() > 9:
         raise DataError(f"{path}: labels outside 0-9; not a CIFAR-10 batch")
     return data, labels
 
