@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from sensprune.checkpoint import load_tree
 
 pytestmark = pytest.mark.e2e  # end-to-end: training runs or subprocesses (make test)
 
@@ -55,8 +56,8 @@ def test_two_gloo_processes_equal_one(tmp_path, reduction):
     train(tmp_path / "one", 1, "--reduction", reduction)
     r = train(tmp_path / "two", 2, "--reduction", reduction)
     assert r.stdout.count("epoch   2/2") == 1  # only rank 0 reports
-    a = torch.load(tmp_path / "one" / "model.pt")
-    b = torch.load(tmp_path / "two" / "model.pt")
+    a = load_tree(tmp_path / "one" / "model.pt")
+    b = load_tree(tmp_path / "two" / "model.pt")
     assert_same_training(a, b)
     assert any((a[k] == 0).any() for k in a)  # the threshold pruned something
 
@@ -66,8 +67,8 @@ def test_resume_under_ddp(tmp_path):
     r = train(tmp_path / "two", 2)  # full run, then resume (a no-op past the end) under DDP
     r = train(tmp_path / "two", 2, "--resume")
     assert "resumed" in r.stdout
-    a = torch.load(tmp_path / "one" / "model.pt")
-    b = torch.load(tmp_path / "two" / "model.pt")
+    a = load_tree(tmp_path / "one" / "model.pt")
+    b = load_tree(tmp_path / "two" / "model.pt")
     assert_same_training(a, b)
 
 

@@ -16,6 +16,7 @@ from sensprune.errors import ConfigError
 from sensprune.models import prunable_weights
 from sensprune.regularizer import insensitivity
 from sensprune.pruning import _plateaued
+from sensprune.checkpoint import load_tree
 
 
 def test_insensitivity_forms_hand_computed():
@@ -162,7 +163,7 @@ def test_inspect_cli_matches_direct_computation(tmp_path):
     assert "| fc1.weight |" in r.stdout and (tmp_path / "sensitivity.png").stat().st_size > 1000
     got = json.loads((tmp_path / "i.json").read_text())["layers"]
     m = build_model("lenet300")
-    m.load_state_dict(torch.load(tmp_path / "model.pt"))
+    m.load_state_dict(load_tree(tmp_path / "model.pt"))
     m.eval()
     x, t = load_dataset("mnist").train  # the run's config: the default 5,000 validation images
     ref = sensitivity(m, x[:50], t[:50], params=list(prunable_weights(m)))

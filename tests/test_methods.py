@@ -10,6 +10,7 @@ from sensprune.methods import REGISTRY, Method, make_method
 from sensprune.methods.base import MethodContext
 from sensprune.models import build_model, select_params
 from sensprune.pruning import Pruner
+from sensprune.checkpoint import load_tree
 
 
 class SmallFirst(Method):  # the README's "writing a new method" example, verbatim in spirit
@@ -62,7 +63,7 @@ def test_a_new_method_is_one_class_and_one_registry_entry(tmp_path):
                           warmup_epochs=1, lr=0.03, out=str(tmp_path / "run"), progress=False)
         s = train(cfg, splits=splits, log=lambda *_: None)
         assert s["method"] == "small_first" and s["compression_ratio"] > 1.2
-        ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+        ckpt = load_tree(tmp_path / "run" / "checkpoint.pt")
         assert ckpt["method"] == {"steps": 2 * 10}  # 2 sparsification epochs of 10 steps
         assert len(s["thresholds"]) == 2  # the loop's threshold policy ran for it
     finally:

@@ -10,6 +10,7 @@ from sensprune import make_config
 from sensprune.errors import ConfigError
 
 from test_cli import assert_usage_error, run
+from sensprune.checkpoint import load_tree, save_tree
 
 SMALL = ["--model", "lenet300", "--limit-train", "2000", "--val-size", "500", "--no-progress"]
 
@@ -30,7 +31,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     r = run("train", *SMALL, "--epochs", "3", "--warmup-epochs", "1", "--lam", "1e9",
             "--out", str(out))
     assert r.returncode == 1 and "diverged at epoch 2" in r.stderr, r.stderr
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = load_tree(out / "checkpoint.pt")
     assert ckpt["state"]["epoch"] == 1
     assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values())
     for line in (out / "metrics.jsonl").read_text().splitlines():  # strict JSON
@@ -152,8 +153,6 @@ def test_a_run_saved_before_the_floor_existed_loads_with_floor_zero(tmp_path):
     paper's literal max(0, 1 - S), not with today's default of 0.5."""
     import json
 
-    import torch
-
     from sensprune.checkpoint import load_run_model
     from sensprune.config import make_config
     from sensprune.models import build_model
@@ -161,6 +160,6 @@ def test_a_run_saved_before_the_floor_existed_loads_with_floor_zero(tmp_path):
     cfg = make_config(method="sensitivity").to_dict()
     del cfg["decay_floor"]
     (tmp_path / "summary.json").write_text(json.dumps({"config": cfg}))
-    torch.save(build_model("lenet300").state_dict(), tmp_path / "model.pt")
+    save_tree(build_model("lenet300").state_dict(), tmp_path / "model.pt")
     loaded, _ = load_run_model(tmp_path)
     assert loaded.method == "sensitivity" and loaded.decay_floor == 0.0

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,13 +144,15 @@ def test_a_closed_stdout_is_quiet(finished_run):
     assert "Exception ignored" not in err and "Traceback" not in err and "error" not in err
 
 
-def test_an_interrupt_inside_torchs_writer_is_an_interrupt(tmp_path, monkeypatch):
-    """Ctrl-C during the checkpoint write: torch reports it as a RuntimeError; it must stay an
-    interrupt (exit 130), not a failed disk write, and leave no temp file."""
-    def interrupted(obj, f):
-        f.write(b"partial")
-        raise RuntimeError("[enforce fail] KeyboardInterrupt: <EMPTY MESSAGE>")
-    monkeypatch.setattr(torch, "save", interrupted)
+def test_an_interrupt_during_a_checkpoint_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    """Ctrl-C while a checkpoint is written: it stays an interrupt (exit 130 in the CLI), not a
+    failed disk write, and leaves neither a torn file nor a temporary one."""
+    import sensprune.checkpoint as checkpoint
+
+    def interrupted(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "save_tree", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_atomic({"a": torch.ones(3)}, tmp_path / "checkpoint.pt")
     assert list(tmp_path.iterdir()) == []
@@ -158,20 +161,23 @@ def test_an_interrupt_inside_torchs_writer_is_an_interrupt(tmp_path, monkeypatch
 @pytest.mark.e2e
 def test_an_interrupt_during_the_first_checkpoint_write_leaves_a_clean_start(tmp_path,
                                                                              monkeypatch, capsys):
-    """Ctrl-C while the first checkpoint is written (torch reports it as a RuntimeError):
-    exit 130, and the command the message names (the same again) works."""
+    """Ctrl-C while the first checkpoint is written: exit 130, no torn or temporary file, and
+    the command the message names (the same again) works."""
+    import sensprune.checkpoint as checkpoint
     from sensprune import cli
 
     out = tmp_path / "r"
-    real_save = torch.save
+    real_save = checkpoint.save_tree
 
-    def interrupted(obj, f, *a, **k):
-        raise RuntimeError("[enforce fail] KeyboardInterrupt")
-    monkeypatch.setattr(torch, "save", interrupted)
+    def interrupted(obj, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "save_tree", interrupted)
     assert cli.main(["train", *QUICK, "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert "interrupted before any checkpoint was written" in err and "disk" not in err
-    monkeypatch.setattr(torch, "save", real_save)
+    assert not list(out.glob(".checkpoint.pt.tmp*")) and not (out / "checkpoint.pt").exists()
+    monkeypatch.setattr(checkpoint, "save_tree", real_save)
     again = ["train", *QUICK, "--out", str(out)] + (["--overwrite"] if "--overwrite" in err else [])
     assert cli.main(again) == 0
     assert (out / "checkpoint.pt").exists()

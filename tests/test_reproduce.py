@@ -12,6 +12,7 @@ from sensprune.models import LeNet5
 from sensprune.results import to_json
 from sensprune.pruning import Pruner
 from sensprune.reproduce import reproduce
+from sensprune.checkpoint import load_tree
 
 
 @pytest.mark.e2e
@@ -28,7 +29,7 @@ def test_quick_reproduce_writes_consistent_files(quick_lenet300):
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     for r in result["rows"]:
         # every row agrees with the zeros in its saved model
-        state = torch.load(tmp_path / r.run_dir / "model.pt", weights_only=True)
+        state = load_tree(tmp_path / r.run_dir / "model.pt")
         # and its compact export holds exactly the same weights
         from sensprune.export import read
         exported = read(tmp_path / r.run_dir / "model.safetensors")[1]
@@ -114,7 +115,7 @@ def test_prune_further_curve_matches_an_independent_count(quick_lenet300):
     from sensprune.reproduce import QUICK
     splits = load_dataset("mnist", None, QUICK["val_size"], QUICK["limit_train"])
     model = build_model("lenet300")
-    model.load_state_dict(torch.load(tmp_path / "dense" / "model.pt"))
+    model.load_state_dict(load_tree(tmp_path / "dense" / "model.pt"))
     ws = [model.fc1.weight, model.fc2.weight, model.fc3.weight]
     mags = torch.cat([w.detach().abs().flatten() for w in ws])
     keep = int(mags.numel() / 8)

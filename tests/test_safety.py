@@ -4,6 +4,7 @@ Each test builds the hostile or damaged input itself and checks the observable o
 
 import errno
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -16,9 +17,11 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sensprune.checkpoint as checkpoint
 import sensprune.train  # noqa: F401  (the module, for monkeypatching its train())
 from sensprune import Pruner, SensitivityRegularizer
-from sensprune.checkpoint import load_checkpoint, load_run_model, save_atomic
+from sensprune.checkpoint import (load_checkpoint, load_run_model, load_tree, save_atomic,
+                                  save_tree)
 from sensprune.errors import CheckpointError, ConfigError, DataError
 
 from conftest import QUICK_TRAIN as QUICK
@@ -45,17 +48,23 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_everywhere(finished_r
     marker = tmp_path / "PWNED"
     run = tmp_path / "shared-run"
     run.mkdir()
-    ckpt = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    ckpt = load_tree(finished_run / "checkpoint.pt")
     ckpt["state"]["note"] = _Payload(marker)
-    torch.save(ckpt, run / "checkpoint.pt")
+    torch.save(ckpt, run / "checkpoint.pt")  # a pickle carrying code, as torch.save writes it
     for args in (["evaluate", run / "checkpoint.pt"], ["inspect", run, "--images", "10"],
                  ["export", run / "checkpoint.pt", "-o", tmp_path / "x.safetensors"],
                  ["train", *QUICK, "--out", run, "--resume"],
                  ["train", *QUICK, "--out", tmp_path / "new", "--init-from", run / "checkpoint.pt"]):
         r = _cli(*args)
         assert r.returncode == 2, (args, r.stderr)
-        assert "never loads" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "never unpickles" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not marker.exists(), f"{args[0]} ran code from the file"
+    # a user who opts in to reading an older pickle run file: the payload still never runs
+    r = subprocess.run([sys.executable, "-m", "sensprune", "evaluate", str(run / "checkpoint.pt")],
+                       capture_output=True, text=True,
+                       env={**os.environ, "SENSPRUNE_READ_LEGACY_PICKLE": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert not marker.exists()
     # a model.pt carrying one, beside a summary.json
     (run / "checkpoint.pt").unlink()
     torch.save({"fc1.weight": _Payload(marker)}, run / "model.pt")
@@ -112,9 +121,10 @@ def test_overwrite_never_deletes_what_sensprune_did_not_write(finished_run, tmp_
     assert (run / ".data.tmp1").read_text() == "mine too"
     # a model.pt the user copied over the run's: not the run's file any more, so refused
     torch.save({"w": torch.ones(1)}, run / "model.pt")
+    mine = (run / "model.pt").read_bytes()
     r = _cli("train", *QUICK, "--out", run, "--overwrite")
     assert r.returncode == 2 and "did not write" in r.stderr, r.stderr
-    assert torch.load(run / "model.pt", weights_only=True)["w"].item() == 1.0
+    assert (run / "model.pt").read_bytes() == mine
 
 
 @pytest.mark.e2e
@@ -145,9 +155,9 @@ def _abort_on_first_epoch_line(msg):  # the log of epoch 1 comes before its chec
 # -- 3. damaged or foreign files are refused -----------------------------------------------------
 @pytest.mark.e2e
 def test_a_changed_value_in_a_checkpoint_is_caught_by_its_checksum(finished_run, tmp_path):
-    ckpt = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    ckpt = load_tree(finished_run / "checkpoint.pt")
     ckpt["model"]["fc1.weight"].view(-1)[0] = -1.7e38  # what one flipped byte did
-    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    save_tree(ckpt, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="damaged"):
         load_checkpoint(tmp_path / "checkpoint.pt")
     r = _cli("evaluate", tmp_path / "checkpoint.pt")
@@ -179,12 +189,15 @@ def test_random_flips_and_cuts_of_a_checkpoint_load_correctly_or_are_refused(
 
 @pytest.mark.e2e
 def test_foreign_files_are_refused_in_one_line(finished_run, tmp_path):
-    torch.save([1, 2, 3], tmp_path / "checkpoint.pt")
+    save_tree([1, 2, 3], tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="not a sensprune checkpoint"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    torch.save({"a": torch.ones(1)}, tmp_path / "checkpoint.pt")  # PyTorch's pickle format
+    with pytest.raises(CheckpointError, match="never unpickles"):
         load_checkpoint(tmp_path / "checkpoint.pt")
     run = tmp_path / "r"
     run.mkdir()
-    torch.save([torch.ones(2)], run / "model.pt")
+    save_tree([torch.ones(2)], run / "model.pt")
     (run / "summary.json").write_text((finished_run / "summary.json").read_text())
     with pytest.raises(CheckpointError, match="neither"):
         load_run_model(run)
@@ -281,16 +294,16 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_old_one_and_no_temp(tmp_p
     path = tmp_path / "checkpoint.pt"
     save_atomic({"a": torch.ones(3)}, path)
 
-    def full(obj, f):
-        f.write(b"partial")
+    def full(obj, path):
+        Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(checkpoint, "save_tree", full)
     with pytest.raises(CheckpointError, match="No space left.*previous file is kept.*--resume"):
         save_atomic({"a": torch.zeros(3)}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
     monkeypatch.undo()
-    assert torch.load(path, weights_only=True)["a"].sum() == 3
+    assert load_tree(path)["a"].sum() == 3
 
 
 @pytest.mark.e2e
@@ -381,3 +394,31 @@ def test_fuzzed_arguments_and_recipes_give_a_clean_exit(tmp_path_factory, monkey
     except Reached:
         return
     assert code in (0, 2)
+
+
+def test_run_files_round_trip_every_value_a_run_saves(tmp_path):
+    """save_tree/load_tree (checkpoint.pt, model.pt): the structure of an optimizer's and a
+    scheduler's state (int keys, tuples, None, NaN, bool masks, 0-d and empty tensors, bf16)
+    comes back equal; an object that is not plain data is refused when written, and a file
+    whose structure names a missing tensor is refused when read."""
+    from safetensors.torch import save_file
+
+    obj = {"state": {0: {"momentum_buffer": torch.randn(3, 2), "step": torch.tensor(7.0)}},
+           "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0, 1],
+                             "foreach": None, "nesterov": False}],
+           "mask": torch.rand(4, 5) > 0.5, "empty": torch.zeros(0, 3), "half": torch.randn(2,
+           dtype=torch.bfloat16), "nan": float("nan"), "big": 2 ** 62, "text": "ü", "deep": [[[]]]}
+    save_tree(obj, tmp_path / "c.pt")
+    back = load_tree(tmp_path / "c.pt")
+    assert back.keys() == obj.keys() and back["param_groups"] == obj["param_groups"]
+    assert isinstance(back["param_groups"][0]["betas"], tuple) and 0 in back["state"]
+    for k in ("mask", "empty", "half"):
+        assert back[k].dtype == obj[k].dtype and torch.equal(back[k], obj[k])
+    assert torch.equal(back["state"][0]["momentum_buffer"], obj["state"][0]["momentum_buffer"])
+    assert back["nan"] != back["nan"] and back["big"] == 2 ** 62 and back["deep"] == [[[]]]
+    with pytest.raises(TypeError, match="cannot be stored"):
+        save_tree({"f": lambda: 0}, tmp_path / "x.pt")
+    save_file({"0": torch.ones(1)}, str(tmp_path / "bad.pt"),
+              metadata={"sensprune.tree": '{"$dict": [["w", {"$tensor": "9"}]]}'})
+    with pytest.raises(CheckpointError, match="not a sensprune file"):
+        checkpoint.safe_load(tmp_path / "bad.pt")

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from sensprune import build_model, evaluate, make_config, train
 from sensprune.data import load_dataset
+from sensprune.checkpoint import load_tree
 
 pytestmark = pytest.mark.e2e  # end-to-end: training runs or subprocesses (make test)
 
@@ -26,7 +27,7 @@ def test_short_run_reaches_sane_accuracy_and_sparsity(tmp_path, mnist):
                 "remaining_per_layer", "epochs", "train_seconds", "config"):
         assert key in s
     # independent check of the summary against the saved weights and the MNIST test set
-    state = torch.load(tmp_path / "run" / "model.pt")
+    state = load_tree(tmp_path / "run" / "model.pt")
     weights = [v for k, v in state.items() if k.endswith("weight")]
     total = sum(w.numel() for w in weights)
     nonzero = sum(int((w != 0).sum()) for w in weights)
@@ -54,8 +55,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert train(cfg_b, splits=splits, stop_after_epoch=2, log=lambda *_: None) == {
         "stopped_at_epoch": 2}
     resumed = train(cfg_b, resume=True, splits=splits, log=lambda *_: None)
-    a = torch.load(tmp_path / "a" / "run" / "model.pt")
-    b = torch.load(tmp_path / "b" / "run" / "model.pt")
+    a = load_tree(tmp_path / "a" / "run" / "model.pt")
+    b = load_tree(tmp_path / "b" / "run" / "model.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert full["test_error"] == resumed["test_error"]
@@ -110,19 +111,19 @@ def test_init_from_keeps_the_zeros_and_starts_from_the_weights(tmp_path):
     src = train(small_cfg(tmp_path / "src", epochs=2, warmup_epochs=1, threshold=0.02),
                 splits=splits, log=lambda *_: None)
     assert src["compression_ratio"] > 2
-    before = torch.load(tmp_path / "src" / "run" / "model.pt")
+    before = load_tree(tmp_path / "src" / "run" / "model.pt")
     # lr 0: the fine-tuning run must reproduce the source model exactly
     frozen = train(small_cfg(tmp_path / "ft0", method="none", epochs=1, lr=0.0,
                              init_from=str(tmp_path / "src" / "run")),
                    splits=splits, log=lambda *_: None)
-    after0 = torch.load(tmp_path / "ft0" / "run" / "model.pt")
+    after0 = load_tree(tmp_path / "ft0" / "run" / "model.pt")
     assert all(torch.equal(before[k], after0[k]) for k in before)
     assert frozen["test_error"] == src["test_error"]
     # a real fine-tuning: the weights move, the zeros stay exactly zero
     train(small_cfg(tmp_path / "ft", method="none", epochs=2, lr=0.05, schedule="cosine",
                     init_from=str(tmp_path / "src" / "run" / "model.pt")),
           splits=splits, log=lambda *_: None)
-    after = torch.load(tmp_path / "ft" / "run" / "model.pt")
+    after = load_tree(tmp_path / "ft" / "run" / "model.pt")
     for k, w in before.items():
         if k.endswith("weight"):
             assert torch.equal(after[k] == 0, w == 0), k

@@ -1,10 +1,11 @@
 """Run files on disk: atomic writes, reading checkpoints safely, and rebuilding a trained model
 from a run directory (model.pt + summary.json, or checkpoint.pt) or a checkpoint file.
 
-Every file is untrusted: checkpoints and models are read with ``torch.load(weights_only=True)``
-(plain containers, tensors, numbers and strings; a pickle that would build any other object
-is refused, so no code runs from a file), and a checkpoint carries a SHA-256 of its contents
-(:func:`state_digest`) that is checked on every read, so a damaged file is named, never used.
+Every file is untrusted, and none is unpickled: ``checkpoint.pt`` and ``model.pt`` are
+safetensors files (the tensors) whose metadata holds the structure around them as JSON (dicts,
+lists, tuples, numbers, strings; :func:`save_tree` / :func:`load_tree`), so reading one builds
+tensors and plain values and nothing else. A checkpoint also carries a SHA-256 of its contents
+(:func:`state_digest`), checked on every read, so a damaged file is named, never used.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -66,18 +68,97 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+TREE_KEY = "sensprune.tree"  # the safetensors metadata entry that holds the structure
+LEGACY_ENV = "SENSPRUNE_READ_LEGACY_PICKLE"  # opt-in: read an older PyTorch-pickle run file
+_MAX_DEPTH = 64
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
+    if depth > _MAX_DEPTH:
+        raise TypeError("the structure is nested too deeply to store")
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))  # a copy: safetensors stores no shared or strided storage
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"$tensor": key}
+    if isinstance(obj, dict):
+        for k in obj:
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"a {type(k).__name__} dict key cannot be stored")
+        return {"$dict": [[k if isinstance(k, str) else int(k), _encode(v, tensors, depth + 1)]
+                          for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"$tuple": [_encode(v, tensors, depth + 1) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, depth + 1) for v in obj]
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj)
+    raise TypeError(f"a {type(obj).__name__} cannot be stored in a sensprune file")
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
+    if depth > _MAX_DEPTH:
+        raise ValueError("nested too deeply")
+    if isinstance(node, list):
+        return [_decode(v, tensors, depth + 1) for v in node]
+    if isinstance(node, dict):
+        if node.keys() == {"$tensor"}:
+            return tensors[node["$tensor"]]  # KeyError: a reference to no tensor
+        if node.keys() == {"$tuple"} and isinstance(node["$tuple"], list):
+            return tuple(_decode(v, tensors, depth + 1) for v in node["$tuple"])
+        if node.keys() == {"$dict"} and isinstance(node["$dict"], list):
+            out = {}
+            for pair in node["$dict"]:
+                if (not isinstance(pair, list) or len(pair) != 2
+                        or isinstance(pair[0], bool) or not isinstance(pair[0], (str, int))):
+                    raise ValueError("a dict entry is not a [key, value] pair")
+                out[pair[0]] = _decode(pair[1], tensors, depth + 1)
+            return out
+        raise ValueError(f"unknown node {sorted(node)[:3]}")
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    raise ValueError(f"unknown value {type(node).__name__}")
+
+
+def save_tree(obj: Any, path: Path) -> None:
+    """``obj`` (dicts, lists, tuples, tensors, numbers, strings, None) as one safetensors file:
+    the tensors as its tensors, the structure as JSON in its metadata. Not atomic by itself
+    (:func:`save_atomic` is)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = json.dumps(_encode(obj, tensors), separators=(",", ":"))
+    save_file(tensors, str(path), metadata={TREE_KEY: tree})
+
+
+def load_tree(path: Path) -> Any:
+    """What :func:`save_tree` wrote, read without unpickling anything: safetensors checks every
+    declared tensor size against the file before reading it. ValueError: not such a file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if TREE_KEY not in meta:
+            raise ValueError("a safetensors file without sensprune's structure")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _decode(json.loads(meta[TREE_KEY]), tensors)
+
+
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over ``path``.
-    A failed write (disk full, a file-size limit, the directory gone) keeps the old file and
-    says so in one line."""
+    """:func:`save_tree` to a temporary file in the same directory, fsync, then rename over
+    ``path``. A failed write (disk full, a file-size limit, the directory gone) keeps the old
+    file and says so in one line."""
     try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except (OSError, RuntimeError) as exc:  # torch wraps ENOSPC/EFBIG in a RuntimeError
-        if "KeyboardInterrupt" in str(exc):  # Ctrl-C inside torch's writer: an interrupt
-            raise KeyboardInterrupt from None
+        with atomic_path(path) as tmp:
+            save_tree(obj, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+    except TypeError:  # an object that cannot be stored: a bug, not the disk
+        raise
+    except Exception as exc:  # OSError, or safetensors' own error for a failed write
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:80]
         kept = "the previous file is kept" if path.exists() else "nothing was written"
         raise CheckpointError(f"cannot write {path} ({why}); {kept}; free space (or fix the "
@@ -94,25 +175,51 @@ def write_text_atomic(text: str, path: Path) -> None:
 
 
 def safe_load(path: str | Path, map_location="cpu", what: str = "file") -> Any:
-    """``torch.load`` with ``weights_only=True``: tensors and plain containers only. Anything
-    else (a pickled object, code) is refused with one line naming the file."""
+    """A run file (checkpoint.pt, model.pt) read by :func:`load_tree`: tensors and plain values,
+    nothing unpickled. Anything else is refused with one line naming the file; a run file in
+    PyTorch's pickle format (older sensprune releases wrote those) is read only where
+    ``SENSPRUNE_READ_LEGACY_PICKLE=1`` says the user trusts it (``torch.load(weights_only=
+    True)``: PyTorch's restricted unpickler)."""
     p = Path(path)
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
+        with open(p, "rb") as f:
+            magic = f.read(4)
     except FileNotFoundError:
         raise CheckpointError(f"{what} {p} not found") from None
     except IsADirectoryError:
         raise CheckpointError(f"{what} {p} is a directory; give the file") from None
-    except Exception as exc:  # torch raises several types for torn, corrupt or unsafe files
-        # torch prefixes every failure under weights_only with "Weights only load failed";
-        # only a refused global (a class or function to call) is a file carrying objects
-        text = str(exc).lower()
-        unsafe = "unsupported global" in text or "global" in text and "allowed" in text
-        why = ("it holds Python objects other than tensors and plain values, which sensprune "
-               "never loads (they could run code)" if unsafe else
-               f"it is unreadable: truncated, corrupt or not a PyTorch file "
-               f"({type(exc).__name__})")
-        raise CheckpointError(f"{what} {p} is refused: {why}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{what} {p} cannot be read ({exc.strerror})") from None
+    if magic == b"PK\x03\x04":  # a torch.save zip archive: a pickle inside
+        if os.environ.get(LEGACY_ENV) != "1":
+            raise CheckpointError(
+                f"{what} {p} is refused: it is in PyTorch's pickle format (written by an older "
+                "sensprune or by torch.save), which sensprune never unpickles (a pickle can run "
+                f"code); if you wrote it yourself and trust it, run once with {LEGACY_ENV}=1")
+        try:
+            obj = torch.load(p, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{what} {p} is refused: not readable as plain tensors and "
+                                  f"values ({type(exc).__name__})") from None
+        return obj
+    try:
+        obj = load_tree(p)
+    except Exception as exc:  # torn, corrupt, foreign, or a reference to no tensor
+        raise CheckpointError(f"{what} {p} is refused: it is unreadable: truncated, corrupt or "
+                              f"not a sensprune file ({type(exc).__name__})") from None
+    if map_location not in (None, "cpu"):
+        obj = _to_device(obj, map_location)
+    return obj
+
+
+def _to_device(obj: Any, device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -158,7 +265,7 @@ def save_run(path: Path, cfg, model, optimizer, scheduler, method, pruner, state
 
 def _plain_scheduler_state(scheduler) -> dict | None:
     """The scheduler's state without callables (LambdaLR keeps its lambdas as None entries):
-    everything in a checkpoint must load with weights_only=True."""
+    a checkpoint holds tensors and plain values only."""
     if scheduler is None:
         return None
     return {k: v for k, v in scheduler.state_dict().items() if not callable(v)}

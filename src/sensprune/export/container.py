@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_path
+from ..checkpoint import TREE_KEY, atomic_path
 from ..errors import CheckpointError, ConfigError
 from .encodings import LZMA_FILTERS as _LZMA_FILTERS
 from .encodings import (VALUE_FORMATS, _decode_tensor, _encode_tensor, decode_index,
@@ -221,12 +221,15 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{p}: {size} bytes, larger than any sensprune export; not read")
     with open(p, "rb") as fh:
         magic = fh.read(2)
-    if magic == b"PK":  # a torch.save zip archive
-        raise CheckpointError(f"{p} is a PyTorch checkpoint, not an export; write one with "
+    if magic == b"PK":  # a torch.save zip archive (never unpickled)
+        raise CheckpointError(f"{p} is a PyTorch pickle file, not an export; write one with "
                               "`sensprune export RUN -o FILE.safetensors`")
     try:
         with safe_open(str(p), framework="numpy") as f:
             meta = f.metadata() or {}
+            if "sensprune" not in meta and TREE_KEY in meta:  # checkpoint.pt or model.pt
+                raise CheckpointError(f"{p} is a run's checkpoint or model, not an export; "
+                                      "write one with `sensprune export RUN -o FILE.safetensors`")
             header = json.loads(_header_text(meta["sensprune"]))
             if not isinstance(header, dict) or header.get("format") != FORMAT:
                 found = header.get("format") if isinstance(header, dict) else None
