@@ -231,13 +231,13 @@ COMPACT = "model.safetensors"  # the committed form of a run's model (sensprune 
 
 
 def run_weights(run_dir: Path) -> dict[str, torch.Tensor] | None:
-    """A finished run's weights: its model.pt, else its compact export, else None (older
-    committed runs kept their summary only)."""
-    if (run_dir / "model.pt").exists():
-        return safe_load(run_dir / "model.pt", what="model")
+    """A finished run's weights: its compact export (fp32, lossless), else its model.pt, else
+    None (older committed runs kept their summary only)."""
     if (run_dir / COMPACT).exists():
         from .export import read
         return read(run_dir / COMPACT)[1]
+    if (run_dir / "model.pt").exists():
+        return safe_load(run_dir / "model.pt", what="model")
     return None
 
 
