@@ -134,12 +134,13 @@ def save_tree(obj: Any, path: Path) -> None:
     save_file(tensors, str(path), metadata={TREE_KEY: tree})
 
 
-def load_tree(path: Path) -> Any:
-    """What :func:`save_tree` wrote, read without unpickling anything: safetensors checks every
-    declared tensor size against the file before reading it. ValueError: not such a file."""
+def load_tree(path: Path, device="cpu") -> Any:
+    """What :func:`save_tree` wrote, its tensors on ``device``, read without unpickling
+    anything: safetensors checks every declared tensor size against the file before reading
+    it. ValueError: not such a file."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
         meta = f.metadata() or {}
         if TREE_KEY not in meta:
             raise ValueError("a safetensors file without sensprune's structure")
@@ -203,23 +204,10 @@ def safe_load(path: str | Path, map_location="cpu", what: str = "file") -> Any:
                                   f"values ({type(exc).__name__})") from None
         return obj
     try:
-        obj = load_tree(p)
+        return load_tree(p, map_location)
     except Exception as exc:  # torn, corrupt, foreign, or a reference to no tensor
         raise CheckpointError(f"{what} {p} is refused: it is unreadable: truncated, corrupt or "
                               f"not a sensprune file ({type(exc).__name__})") from None
-    if map_location not in (None, "cpu"):
-        obj = _to_device(obj, map_location)
-    return obj
-
-
-def _to_device(obj: Any, device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -59,6 +59,18 @@ def interleaved_medians(fns: dict, x, rounds: int = 15,
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def budgeted_medians(fns: dict, x, rounds: int = 15) -> dict[str, float]:
+    """:func:`interleaved_medians` with fewer rounds where one call is slow (about 50 ms of
+    timing per candidate at most, 3 rounds at least): what planning at load can afford."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        next(iter(fns.values()))(x)
+        once = time.perf_counter() - t0
+    inner = 5 if once < 1e-3 else 1
+    rounds = max(3, min(rounds, int(0.05 / max(once * inner, 1e-9))))
+    return interleaved_medians(fns, x, rounds, inner)
+
+
 def feature_major(x: torch.Tensor) -> torch.Tensor:
     """(batch, features) -> contiguous (features, batch), and back (the same operation)."""
     xt = x.t()
@@ -366,15 +378,8 @@ class InferenceChain(nn.Sequential):
         return steps + [("from_vec", len(self) - 1)] if len(self) else None
 
     def _time(self, cands: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
-        """Median seconds of each candidate; fewer rounds where one call is slow (about 50 ms
-        of timing per candidate at most, 3 rounds at least)."""
         fns = {k: (lambda v, s=s: self._run(s, v)) for k, s in cands.items()}
-        t0 = time.perf_counter()
-        next(iter(fns.values()))(x)
-        once = time.perf_counter() - t0
-        inner = 5 if once < 1e-3 else 1
-        rounds = max(3, min(rounds, int(0.05 / max(once * inner, 1e-9))))
-        return interleaved_medians(fns, x, rounds, inner)
+        return budgeted_medians(fns, x, rounds)
 
     def _dtype(self) -> torch.dtype:
         return next((p.dtype for p in self.parameters()), torch.float32)

@@ -4,7 +4,6 @@ dense kernel, whichever is faster here, and the latency benchmark behind `bench-
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -13,8 +12,8 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError
 from .container import read
-from .engine import (CSR_MAX_DENSITY, InferenceChain, csr_arrays, csr_matmul, feature_major,
-                     interleaved_medians)
+from .engine import (CSR_MAX_DENSITY, InferenceChain, budgeted_medians, csr_arrays, csr_matmul,
+                     feature_major, interleaved_medians)
 
 
 # -- inference -------------------------------------------------------------------------------------
@@ -71,8 +70,8 @@ class SparseLinear(nn.Module):
 def choose_kernels(model: nn.Module, batch_sizes=(1, 64, 1024), rounds: int = 15) -> dict:
     """Time dense vs CSR for each SparseLinear at each number of rows (interleaved rounds) and
     keep the faster; a row count between two measured ones uses the choice of the larger one.
-    Fewer rounds where one call is slow (about 50 ms of timing per candidate, 3 rounds at
-    least), so a large layer at 1,024 rows costs a fraction of a second to plan."""
+    Fewer rounds where one call is slow (``budgeted_medians``), so a large layer at 1,024 rows
+    costs a fraction of a second to plan."""
     sizes = sorted(batch_sizes)
     report = {}
     for name, m in model.named_modules():
@@ -80,13 +79,8 @@ def choose_kernels(model: nn.Module, batch_sizes=(1, 64, 1024), rounds: int = 15
             choice = []
             for b in sizes:
                 x = torch.randn(b, m.in_features, dtype=m.weight.dtype)
-                with torch.inference_mode():
-                    t0 = time.perf_counter()
-                    m.dense_forward(x)
-                    once = time.perf_counter() - t0
-                n = max(3, min(rounds, int(0.05 / max(once, 1e-9))))
-                t = interleaved_medians({"dense": m.dense_forward, "sparse": m.sparse_forward},
-                                        x, n, inner=1 if once > 1e-3 else 10)
+                t = budgeted_medians({"dense": m.dense_forward, "sparse": m.sparse_forward},
+                                     x, rounds)
                 choice.append(t["sparse"] < t["dense"])
                 report[f"{name}@{b}"] = {"dense_s": t["dense"], "sparse_s": t["sparse"],
                                          "sparse": t["sparse"] < t["dense"],
@@ -188,7 +182,8 @@ def load(path: str | Path, kernels: str = "auto", model: nn.Module | None = None
     runs each layer on the kernel measured fastest at batch 1 and 64 (the choices in
     ``model.kernel_report``); with 'dense' a plain ``nn.Sequential`` (for ``torch.jit.script``,
     ``torch.compile`` and ONNX). Any other export: 'auto' puts a Linear layer on CSR at the row
-    counts (batch x sequence) where that is measured faster, 'density' below 30 % density, 'sparse' everywhere, 'dense' nowhere.
+    counts (batch x sequence) where that is measured faster, 'density' below 30 % density,
+    'sparse' everywhere, 'dense' nowhere.
     ``model``: for an export of your own architecture, an instance of it to fill (the bundled
     ones are rebuilt from the file's header).
     """
