@@ -96,7 +96,7 @@ def test_plan_uses_the_csr_kernel_with_a_select_read_in_place():
     chain, _ = compact_model(net.eval(), (30,))
     fast = InferenceChain(chain).plan((30,), (4,), rounds=2, prefer=("csr",))
     kinds = [k for k, _ in fast.plans[torch.get_num_threads()][0][1]]
-    assert "csr" in kinds and "select" not in kinds and "select_fm" not in kinds
+    assert "csr_window" in kinds and "select" not in kinds and "select_fm" not in kinds
     x = torch.randn(4, 30)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
@@ -216,6 +216,8 @@ def test_another_thread_count_gets_its_own_plan_at_its_first_call():
      ("csr", 6), ("to_rows", 6)],
     [("flatten", 0), ("select", 1), ("dense", 2), ("relu_", 3), ("to_fm", 4), ("csr", 4),
      ("module", 5), ("dense_t", 6)],
+    [("flatten", 0), ("to_fm_window", 2), ("csr_window", 2), ("relu_", 3), ("dense_fm", 4),
+     ("module", 5), ("dense_t", 6)],
 ])
 def test_hand_made_plans_give_the_plain_outputs(steps):
     torch.manual_seed(0)
@@ -242,24 +244,37 @@ def test_hand_made_plans_give_the_plain_outputs(steps):
             torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
 
 
-def test_a_chain_that_flattens_first_runs_its_plan_on_flat_inputs(monkeypatch):
+@pytest.mark.parametrize("prefer", [(), ("csr",), ("dense",)])
+@pytest.mark.parametrize("batch", [8, 128])  # 128 x 36 values take numpy's transpose
+def test_a_chain_that_flattens_first_runs_its_plan_on_flat_inputs(monkeypatch, prefer, batch):
     """(N, 1, 28, 28) or the same images as (N, 784): the same kernels, the same outputs (a
-    flat input used to fall back to the plain layers, at half the speed)."""
+    flat input used to fall back to the plain layers, at half the speed). Unread inputs at
+    both ends: the CSR kernel transposes only the window between the first and last read."""
+    torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(36, 12), nn.ReLU(), nn.Linear(12, 3))
     with torch.no_grad():
-        net[1].weight.mul_(torch.rand(12, 36) < 0.2)
+        net[1].weight.mul_(torch.rand(12, 36) < 0.1)
+        net[1].weight[:, :5] = 0
+        net[1].weight[:, -4:] = 0
+        net[1].weight[torch.arange(12), torch.arange(12) + 6] = 1.0  # every unit fed
     chain, _ = compact_model(net.eval(), (1, 6, 6))
-    fast = InferenceChain(chain).plan((1, 6, 6), (1, 8), rounds=2)
+    assert isinstance(chain[1], Select)
+    fast = InferenceChain(chain).plan((1, 6, 6), (1, 8), rounds=2, prefer=prefer)
+    if prefer == ("csr",):
+        kinds = [k for k, _ in fast.plans[torch.get_num_threads()][-1][1]]
+        assert kinds[:3] == ["flatten", "to_fm_window", "csr_window"]
+        run = [f.__name__ for f, _ in fast._compiled[torch.get_num_threads()][-1][1]]
+        assert run[0] == "_flatten_window_fm" and "_flatten" not in run  # one fused step
     plain_calls = []
     real = nn.Sequential.forward
     monkeypatch.setattr(nn.Sequential, "forward",
                         lambda self, x: plain_calls.append(1) or real(self, x))
-    x = torch.randn(8, 1, 6, 6)
+    x = torch.randn(batch, 1, 6, 6)
     with torch.no_grad():
-        image, flat = fast(x), fast(x.reshape(8, 36))
+        image, flat = fast(x), fast(x.reshape(batch, 36))
         torch.testing.assert_close(image, net(x), rtol=1e-5, atol=1e-5)
     plain_calls.clear()
     with torch.no_grad():
-        image, flat = fast(x), fast(x.reshape(8, 36))
+        image, flat = fast(x), fast(x.reshape(batch, 36))
     assert plain_calls == []  # both took the planned kernels
     torch.testing.assert_close(flat, image)

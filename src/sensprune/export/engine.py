@@ -135,6 +135,19 @@ def _transpose(e, x):
     return feature_major(x)
 
 
+def _window_fm(e, x):  # only the input columns from the first to the last one selected
+    lo, hi = e["window"]
+    return feature_major(x[:, lo:hi])
+
+
+def _flatten_fm(e, x):  # Flatten(1, -1) then feature-major, as one copy (no view dispatch)
+    return feature_major(x if x.dim() == 2 else x.flatten(1))
+
+
+def _flatten_window_fm(e, x):
+    return _window_fm(e, x if x.dim() == 2 else x.flatten(1))
+
+
 def _dense_rows(e, x):
     return F.linear(x, e["weight"], e["bias"])
 
@@ -158,6 +171,11 @@ def _select_fm(e, x):
 
 def _csr_fm(e, x):
     y = csr_matmul(x, *e["csr"])
+    return y if e["bias_col"] is None else y.add_(e["bias_col"])
+
+
+def _csr_window(e, x):  # x: the window's columns, feature-major
+    y = csr_matmul(x, *e["csr_window"])
     return y if e["bias_col"] is None else y.add_(e["bias_col"])
 
 
@@ -190,7 +208,8 @@ STEPS = {"module": _module, "relu_": _relu_, "to_fm": _transpose, "to_rows": _tr
          "dense": _dense_rows, "dense_fm": _dense_fm, "dense_t": _dense_fm_to_rows,
          "select": _select_rows, "select_fm": _select_fm, "csr": _csr_fm, "pool2": _pool2,
          "flatten": _flatten, "to_vec": _to_vector, "from_vec": _from_vector,
-         "select_vec": _select_vector, "dense_vec": _dense_vector}
+         "select_vec": _select_vector, "dense_vec": _dense_vector, "to_fm_window": _window_fm, "csr_window": _csr_window,
+         "flatten_fm": _flatten_fm, "flatten_fm_window": _flatten_window_fm}
 
 
 class InferenceChain(nn.Sequential):
@@ -226,13 +245,31 @@ class InferenceChain(nn.Sequential):
                 sparse = 0 < nnz < CSR_MAX_DENSITY * m.weight.numel()
                 e.update(weight=m.weight.detach(), bias=bias,
                          bias_col=None if bias is None else bias[:, None].contiguous(),
-                         csr=csr_arrays(m.weight, index) if sparse else None)
+                         csr=csr_arrays(m.weight, index) if sparse else None,
+                         csr_window=None)
+                if sparse and index is not None and index.numel():
+                    # rows in: transpose only the columns from the first selected to the last
+                    lo, hi = int(index.min()), int(index.max()) + 1
+                    col, offsets, values = e["csr"]
+                    e.update(window=(lo, hi), csr_window=(col - lo, offsets, values))
             self._entries.append(e)
         self._compile()
 
     def _compile(self) -> None:
-        self._compiled = {t: [(bound, [(STEPS[k], i) for k, i in steps]) for bound, steps in p]
-                          for t, p in self.plans.items()}
+        self._compiled = {t: [(bound, [(STEPS[k], i) for k, i in self._fuse(steps)])
+                              for bound, steps in p] for t, p in self.plans.items()}
+
+    def _fuse(self, steps: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The plan as run: a Flatten(1, -1) followed by the transpose to feature-major
+        becomes one step (a plan reads the same either way; a Python step costs ~1 us)."""
+        out: list[tuple[str, int]] = []
+        for kind, i in steps:
+            if (kind in ("to_fm", "to_fm_window") and out and out[-1][0] == "flatten"
+                    and self[out[-1][1]].start_dim == 1 and self[out[-1][1]].end_dim == -1):
+                out[-1] = ("flatten_fm" if kind == "to_fm" else "flatten_fm_window", i)
+            else:
+                out.append((kind, i))
+        return out
 
     def _run(self, steps, x):
         entries = self._entries
@@ -250,7 +287,9 @@ class InferenceChain(nn.Sequential):
             j = i + selected  # the Linear; the CSR kernel reads the Select's inputs in place
             select = [("select_fm" if fm else "select", i)] if selected else []
             cands = {"dense": select + [("dense_fm" if fm else "dense", j)]}
-            if self._entries[j]["csr"] is not None:
+            if self._entries[j]["csr_window"] is not None and not fm:
+                cands["csr"] = [("to_fm_window", j), ("csr_window", j)]
+            elif self._entries[j]["csr"] is not None:
                 cands["csr"] = ([] if fm else [("to_fm", j)]) + [("csr", j)]
             if j == len(self) - 1:  # the output goes back to rows: count that transpose
                 cands = {k: v + [("to_rows", j)] if v[-1][0] in _FM_OUT else v
@@ -427,7 +466,7 @@ class InferenceChain(nn.Sequential):
         return out
 
 
-_FM_OUT = ("to_fm", "csr", "dense_fm", "select_fm")
+_FM_OUT = ("to_fm", "csr", "dense_fm", "select_fm", "to_fm_window", "csr_window")
 _ROWS_OUT = ("to_rows", "dense", "dense_t", "select", "pool2", "flatten")
 
 
@@ -443,7 +482,7 @@ def _layout_after(kind: str, layer: nn.Module, fm: bool) -> bool:
 def _owned_after(kind: str, layer: nn.Module, owned: bool) -> bool:
     """Whether the activation is a tensor the pass made (safe to change in place): a
     transpose or a flatten may return a view of the caller's input."""
-    if kind in ("to_fm", "to_rows", "relu_", "flatten") or (
+    if kind in ("to_fm", "to_fm_window", "to_rows", "relu_", "flatten") or (
             kind == "module" and isinstance(layer, (nn.Flatten, nn.Identity))):
         return owned
     return True
