@@ -96,11 +96,14 @@ def plot_pareto(result: dict, path: Path) -> Path | None:
     palette = [plt.cm.tab10(i) for i in range(10)] + [plt.cm.Dark2(i) for i in range(8)]
     for i, (fam, gs) in enumerate(series.items()):
         gs = sorted(gs, key=lambda g: g.compression_ratio.mean)
+        notes = {g.note for g in gs}  # a short note the family shares names it (decay_floor 0)
+        note = notes.pop() if len(notes) == 1 else ""
+        label = f"{fam} ({note})" if note and len(note) <= 24 else fam
         ax.errorbar([g.compression_ratio.mean for g in gs], [g.test_error.mean for g in gs],
                     yerr=[g.test_error.std for g in gs],
                     xerr=[g.compression_ratio.std for g in gs],
                     marker=markers[i % len(markers)], linestyle="-" if len(gs) > 1 else "none",
-                    capsize=2, label=fam, color=palette[i % len(palette)], markersize=5)
+                    capsize=2, label=label, color=palette[i % len(palette)], markersize=5)
     for k, p in enumerate(result["published"]):
         ax.scatter([p["compression_ratio"]], [p["test_error"]], marker="*PXdp"[k % 5], s=70,
                    c="k", zorder=5,
@@ -113,7 +116,9 @@ def plot_pareto(result: dict, path: Path) -> Path | None:
                     [p["test_error"] for p in result["published"]] +
                     ([dense[0].test_error.mean] if dense else []))
     if errors:
-        top = min(1.35 * errors[-1], 2.0 * errors[len(errors) // 2])
+        # collapsed rows (above twice the median) are named, not drawn: the rest fill the view
+        near = [e for e in errors if e <= 2.0 * errors[len(errors) // 2]]
+        top = min(1.35 * errors[-1], 1.15 * near[-1])
         ax.set_ylim(0.9 * errors[0], top)
         off = [g.label for gs in series.values() for g in gs if g.test_error.mean > top]
         if off:
