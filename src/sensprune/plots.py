@@ -116,7 +116,8 @@ def plot_pareto(result: dict, path: Path) -> Path | None:
                     [p["test_error"] for p in result["published"]] +
                     ([dense[0].test_error.mean] if dense else []))
     if errors:
-        # collapsed rows (above twice the median) are named, not drawn: the rest fill the view
+        # the view ends just above the highest row within twice the median; rows above it
+        # (collapsed ones) are named in a corner, so they do not squash the others
         near = [e for e in errors if e <= 2.0 * errors[len(errors) // 2]]
         top = min(1.35 * errors[-1], 1.15 * near[-1])
         ax.set_ylim(0.9 * errors[0], top)
