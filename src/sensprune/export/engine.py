@@ -140,12 +140,16 @@ def _window_fm(e, x):  # only the input columns from the first to the last one s
     return feature_major(x[:, lo:hi])
 
 
-def _flatten_fm(e, x):  # Flatten(1, -1) then feature-major, as one copy (no view dispatch)
-    return feature_major(x if x.dim() == 2 else x.flatten(1))
+def _flat(x):  # Flatten(1, -1), skipped on input that is flat already (a view costs ~1 us)
+    return x if x.dim() == 2 else x.flatten(1)
+
+
+def _flatten_fm(e, x):  # Flatten(1, -1) then feature-major, as one step
+    return feature_major(_flat(x))
 
 
 def _flatten_window_fm(e, x):
-    return _window_fm(e, x if x.dim() == 2 else x.flatten(1))
+    return _window_fm(e, _flat(x))
 
 
 def _dense_rows(e, x):
@@ -169,14 +173,17 @@ def _select_fm(e, x):
     return x.index_select(0, e["module"].index)
 
 
-def _csr_fm(e, x):
-    y = csr_matmul(x, *e["csr"])
+def _csr_plus_bias(e, x, arrays):
+    y = csr_matmul(x, *arrays)
     return y if e["bias_col"] is None else y.add_(e["bias_col"])
+
+
+def _csr_fm(e, x):
+    return _csr_plus_bias(e, x, e["csr"])
 
 
 def _csr_window(e, x):  # x: the window's columns, feature-major
-    y = csr_matmul(x, *e["csr_window"])
-    return y if e["bias_col"] is None else y.add_(e["bias_col"])
+    return _csr_plus_bias(e, x, e["csr_window"])
 
 
 def _to_vector(e, x):  # (1, ...) -> (n,)
@@ -208,8 +215,9 @@ STEPS = {"module": _module, "relu_": _relu_, "to_fm": _transpose, "to_rows": _tr
          "dense": _dense_rows, "dense_fm": _dense_fm, "dense_t": _dense_fm_to_rows,
          "select": _select_rows, "select_fm": _select_fm, "csr": _csr_fm, "pool2": _pool2,
          "flatten": _flatten, "to_vec": _to_vector, "from_vec": _from_vector,
-         "select_vec": _select_vector, "dense_vec": _dense_vector, "to_fm_window": _window_fm, "csr_window": _csr_window,
-         "flatten_fm": _flatten_fm, "flatten_fm_window": _flatten_window_fm}
+         "select_vec": _select_vector, "dense_vec": _dense_vector, "to_fm_window": _window_fm,
+         "csr_window": _csr_window, "flatten_fm": _flatten_fm,
+         "flatten_fm_window": _flatten_window_fm}
 
 
 class InferenceChain(nn.Sequential):
