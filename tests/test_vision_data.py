@@ -147,3 +147,54 @@ def test_train_on_synthetic_imagefolder(tmp_path):
     write_imagefolder(tmp_path)
     train_synthetic(tmp_path, "imagenet", 3, 3)
     assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_random_shift_moves_each_image_by_its_own_offset():
+    """Each output image is its input translated by some (dy, dx) in [-2, 2]^2, the uncovered
+    border holding the fill: checked against a brute-force pixel loop over all 25 offsets."""
+    from sensprune.vision_data import random_shift
+    torch.manual_seed(0)
+    x = torch.rand(40, 2, 6, 7)
+    fill = torch.tensor([-0.5, -2.0])
+    out = random_shift(x, torch.Generator().manual_seed(3), 2, fill)
+    seen = set()
+    for i in range(len(x)):
+        matches = []
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                ref = fill.view(2, 1, 1).expand(2, 6, 7).clone()
+                for r in range(6):
+                    for c in range(7):
+                        if 0 <= r + dy < 6 and 0 <= c + dx < 7:
+                            ref[:, r, c] = x[i, :, r + dy, c + dx]
+                if torch.allclose(out[i], ref, rtol=0, atol=1e-6):  # x - fill + fill
+                    matches.append((dy, dx))
+        assert len(matches) == 1, f"image {i}: {matches}"
+        seen.add(matches[0])
+    assert len(seen) > 10  # the offsets vary between images
+
+
+def test_shift_augment_batches_are_seeded_and_background_filled():
+    from sensprune.data import background, dataset_info
+    x = torch.full((30, 1, 8, 8), 5.0)
+    y = torch.arange(30)
+    fill = background(dataset_info("mnist"))
+    assert fill[0] == pytest.approx(-0.1307 / 0.3081, rel=1e-3)  # a black pixel, normalized
+    one = list(batches((x, y), 10, shuffle_seed=4, shift=3, fill=fill))
+    two = list(batches((x, y), 10, shuffle_seed=4, shift=3, fill=fill))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one, two))  # resume sees the same epoch
+    values = torch.cat([b[0] for b in one]).unique().tolist()  # sorted
+    assert len(values) == 2 and values[1] == 5.0 and values[0] == pytest.approx(fill[0])
+    plain = next(batches((x, y), 10, shuffle_seed=4))[0]
+    assert torch.equal(plain, x[:10])  # shift 0: untouched
+
+
+def test_shift_augment_is_refused_where_the_dataset_has_its_own(tmp_path):
+    from sensprune.config import TrainConfig
+    from sensprune.errors import ConfigError
+    from sensprune.train import train
+    write_cifar(tmp_path)
+    cfg = TrainConfig(model="lenet300", dataset="cifar10", data_dir=str(tmp_path), val_size=10,
+                      epochs=1, shift_augment=2, out=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ConfigError, match="shift_augment"):
+        train(cfg.validate())

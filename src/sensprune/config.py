@@ -66,6 +66,10 @@ class TrainConfig:
     val_size: int = setting(5000, "validation samples held out of train", min=0)
     limit_train: int | None = setting(None, "use only the first N training samples", min=1,
                                       metavar="N")
+    shift_augment: int = setting(0, "translate each training image by a random offset of up "
+                                 "to N pixels in x and y, filling with the background (image "
+                                 "datasets; 0: none; CIFAR-10 is always cropped and flipped)",
+                                 min=0, max=8, metavar="N")
     # how long, how
     epochs: int = setting(10, min=1)
     batch_size: int = setting(100, min=1)

@@ -172,6 +172,12 @@ def _normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     return normalize_images(images, info.mean, info.std)
 
 
+def background(info: DatasetInfo) -> tuple[float, ...]:
+    """The normalized value of a black pixel, per channel: what a translated image's
+    uncovered border is filled with."""
+    return tuple(-m / s for m, s in zip(info.mean, info.std))
+
+
 def num_samples(data: Data) -> int:
     return len(data[1]) if isinstance(data, tuple) else len(data)
 
@@ -248,12 +254,16 @@ def batches(
     shuffle_seed: int | None = None,
     augment: bool = False,
     workers: int = 0,
+    shift: int = 0,
+    fill: tuple[float, ...] = (0.0,),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches, shuffled by a generator seeded with ``shuffle_seed``.
 
     A seeded permutation per epoch (seed = run seed + epoch) makes an epoch reproducible on
     its own, which is what makes resume-from-checkpoint exact. In-memory tensors are sliced
-    directly (optionally augmented); a ``Dataset`` goes through a ``DataLoader``.
+    directly (optionally augmented: ``augment`` crops and flips, ``shift`` > 0 translates by
+    up to that many pixels, the border filled with ``fill`` per channel); a ``Dataset`` goes
+    through a ``DataLoader``.
     """
     n = num_samples(data)
     order = None
@@ -266,11 +276,14 @@ def batches(
         yield from loader
         return
     x, y = data
-    gen = torch.Generator().manual_seed((shuffle_seed or 0) + 7) if augment else None
+    gen = torch.Generator().manual_seed((shuffle_seed or 0) + 7) if augment or shift else None
     for start in range(0, n, batch_size):
         idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
         xb = x[idx]
         if augment:
             from .vision_data import crop_flip
             xb = crop_flip(xb, gen)
+        if shift:
+            from .vision_data import random_shift
+            xb = random_shift(xb, gen, shift, torch.tensor(fill))
         yield xb, y[idx]

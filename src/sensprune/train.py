@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ._version import __version__
 from . import distributed as ddp
 from .config import TrainConfig
-from .data import Splits, batches, load_dataset, num_samples
+from .data import Splits, background, batches, load_dataset, num_samples
 from .errors import ConfigError, SensPruneError, TrainingDiverged
 from .models import build_model, use_channels_last
 from .pruning import Pruner, sparsity_report
@@ -129,6 +129,10 @@ def _setup(cfg: TrainConfig, info: "ddp.DistInfo", resume: bool, splits: Splits 
     """Data, model, optimizer, pruner and method; the checkpoint restored, or a fresh start."""
     out = Path(cfg.out)
     splits = splits or load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.limit_train)
+    if cfg.shift_augment and (splits.augment or not isinstance(splits.train, tuple)
+                              or splits.train[0].dim() != 4):
+        raise ConfigError(f"shift_augment applies to in-memory image datasets (MNIST, "
+                          f"Fashion-MNIST); {cfg.dataset} has its own augmentation: set it to 0")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.info.num_classes, splits.info.input_shape)
     device = resolve_device(cfg.device, info)
@@ -208,7 +212,8 @@ def _train_epoch(run: _Run, info: "ddp.DistInfo", epoch: int, phase: str) -> tup
     model.train()
     loss_sum = wrong = seen = 0
     it = batches(run.splits.train, cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch,
-                 augment=run.splits.augment, workers=cfg.workers)
+                 augment=run.splits.augment, workers=cfg.workers,
+                 shift=cfg.shift_augment, fill=background(run.splits.info))
     bar = _progress(it, run.steps_per_epoch, cfg.progress and info.is_main,
                     f"epoch {epoch + 1}/{cfg.epochs} {phase}")
     active = phase == "sparsify"  # the method acts in the sparsification phase only

@@ -132,6 +132,18 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torc
     return out
 
 
+def random_shift(x: torch.Tensor, generator: torch.Generator, pad: int,
+                 fill: torch.Tensor) -> torch.Tensor:
+    """Translate each image of a batch by its own random offset in [-pad, pad]^2, the
+    uncovered border filled with ``fill`` (per channel: the normalized background)."""
+    n, c, h, w = x.shape
+    fill = fill.to(x.dtype).view(1, c, 1, 1)
+    padded = torch.nn.functional.pad(x - fill, (pad, pad, pad, pad)) + fill
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
 # -- ImageFolder (ImageNet) ------------------------------------------------------------------------
 def _try_torchvision():
     try:  # PyPI's torchvision may fail to import beside some torch builds: then use PIL
