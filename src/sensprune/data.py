@@ -277,13 +277,13 @@ def batches(
         return
     x, y = data
     gen = torch.Generator().manual_seed((shuffle_seed or 0) + 7) if augment or shift else None
+    from .vision_data import crop_flip, random_shift
+    fill_values = torch.tensor(fill)  # once per epoch, not per batch
     for start in range(0, n, batch_size):
         idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
         xb = x[idx]
         if augment:
-            from .vision_data import crop_flip
             xb = crop_flip(xb, gen)
         if shift:
-            from .vision_data import random_shift
-            xb = random_shift(xb, gen, shift, torch.tensor(fill))
+            xb = random_shift(xb, gen, shift, fill_values)
         yield xb, y[idx]
